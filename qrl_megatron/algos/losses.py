@@ -1,0 +1,49 @@
+"""Policy losses on per-token log-probabilities.
+
+Every function works on [batch, seq] tensors aligned with the labels (position t scores token t+1) and a 0/1
+`mask` marking completion tokens; it returns the per-token loss so the caller aggregates it (token or sequence
+mean) with the right global normaliser across micro-batches and DP ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ppo_clip_token_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """-min(R·A, clip(R, 1-clip_low, 1+clip_high)·A) per token, R = π_θ/π_old; A is per sequence ([batch])."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.unsqueeze(-1).to(logprobs.dtype)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
+    loss = -torch.minimum(unclipped, clipped) * mask
+    with torch.no_grad():
+        clipped_tokens = ((clipped < unclipped).float() * mask).sum()
+    return loss, {"clipped_tokens": clipped_tokens, "ratio_sum": (ratio.detach() * mask).sum()}
+
+
+def sft_token_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood per token (the supervised warm-start)."""
+    return -logprobs * mask
+
+
+def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, mode: str, total_tokens: float, total_seqs: float) -> torch.Tensor:
+    """Sum of this micro-batch's share of the global mean.
+
+    token_mean: sum(loss) / total completion tokens of the whole update (DAPO's token-level mean);
+    seq_mean: sum over sequences of mean-over-own-tokens / total sequences.
+    The totals are global (all micro-batches and DP ranks) so the summed gradients equal the global mean's.
+    """
+    if mode == "token_mean":
+        return token_loss.sum() / max(total_tokens, 1.0)
+    if mode == "seq_mean":
+        per_seq = token_loss.sum(-1) / mask.sum(-1).clamp(min=1.0)
+        return per_seq.sum() / max(total_seqs, 1.0)
+    raise ValueError(f"unknown loss aggregation {mode!r}; use token_mean or seq_mean")

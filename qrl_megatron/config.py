@@ -1,0 +1,338 @@
+"""One typed config tree for the whole trainer.
+
+Each component owns a dataclass; `QRLConfig` is the OmegaConf structured root. YAML recipes in `configs/` are merged
+onto it, then `key=value` dotlist overrides. Every field carries a one-line doc in its metadata (shown by
+`qrl-train --help-config`); every check raises `ConfigError` (a `ValueError`) that names the dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the dotted key and the fix."""
+
+
+def doc(default: Any = MISSING, text: str = "", factory: Any = MISSING) -> Any:
+    """A dataclass field with a one-line doc."""
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def check_choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}"
+            + _closest(str(value), [str(a) for a in allowed])
+        )
+
+
+def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def check_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key}={value} must lie in [{low}, {high}]")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    dir: str = doc("runs/tiny-grpo", "output folder: metrics.jsonl, eval.json, TensorBoard events, checkpoint")
+    cache_dir: str = doc(".cache/qrl", "cache for locally built models and warm-start policies (shared by runs)")
+    progress: bool = doc(True, "live one-line progress display on stderr")
+    tensorboard: bool = doc(True, "write TensorBoard events under run.dir/tb")
+    overwrite: bool = doc(True, "replace metrics of an earlier run in run.dir (False: refuse to start)")
+
+    def validate(self, prefix: str = "run") -> None:
+        if not self.dir:
+            raise ConfigError(f"{prefix}.dir must be a folder path")
+
+
+@dataclass
+class TinyModelOptions:
+    hidden_size: int = doc(128, "hidden size of the locally built tiny Qwen2 model")
+    num_layers: int = doc(4, "transformer layers")
+    num_attention_heads: int = doc(4, "query heads (head_dim = hidden_size / heads)")
+    num_query_groups: int = doc(2, "key/value heads (GQA groups)")
+    ffn_hidden_size: int = doc(352, "SwiGLU intermediate size")
+    vocab_size: int = doc(64, "padded character vocabulary size (multiple of 8)")
+    max_position_embeddings: int = doc(128, "longest sequence (prompt + completion)")
+
+    def validate(self, prefix: str) -> None:
+        for f in fields(self):
+            check_positive(f"{prefix}.{f.name}", getattr(self, f.name))
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{prefix}.hidden_size must be divisible by {prefix}.num_attention_heads")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(f"{prefix}.num_attention_heads must be divisible by {prefix}.num_query_groups")
+        if self.vocab_size % 8:
+            raise ConfigError(f"{prefix}.vocab_size={self.vocab_size} must be a multiple of 8")
+
+
+@dataclass
+class ModelConfig:
+    source: str = doc("tiny", "'tiny' builds the tiny Qwen2 model locally; else a local HF model folder")
+    tiny: TinyModelOptions = doc(text="shape of the tiny model (used when source=tiny)", factory=TinyModelOptions)
+    init_seed: int = doc(0, "seed of the tiny model's random init")
+
+    def validate(self, prefix: str = "model") -> None:
+        if self.source != "tiny" and not Path(self.source).is_dir():
+            raise ConfigError(f"{prefix}.source={self.source!r}: not 'tiny' and not an existing local model folder")
+        self.tiny.validate(f"{prefix}.tiny")
+
+
+@dataclass
+class TaskConfig:
+    name: str = doc("arithmetic", "verifiable task: 'arithmetic' (synthetic) or 'files' (task.data_files)")
+    operations: str = doc("+", "arithmetic operators to draw from, a subset of '+-*'")
+    min_digits: int = doc(1, "fewest digits per operand")
+    max_digits: int = doc(2, "most digits per operand")
+    num_train: int = doc(4000, "training problems")
+    num_eval: int = doc(200, "held-out evaluation problems (disjoint from training)")
+    data_files: str = doc("", "task=files: a local .json/.jsonl/.parquet file with 'prompt' and 'answer' columns")
+    eval_files: str = doc("", "task=files: optional held-out file; default: the last task.num_eval rows")
+
+    def validate(self, prefix: str = "task") -> None:
+        check_choice(f"{prefix}.name", self.name, ("arithmetic", "files"))
+        bad = set(self.operations) - set("+-*")
+        if not self.operations or bad:
+            raise ConfigError(f"{prefix}.operations={self.operations!r} must be a non-empty subset of '+-*'")
+        check_range(f"{prefix}.min_digits", self.min_digits, 1, 6)
+        check_range(f"{prefix}.max_digits", self.max_digits, self.min_digits, 6)
+        check_positive(f"{prefix}.num_train", self.num_train)
+        check_positive(f"{prefix}.num_eval", self.num_eval)
+        if self.name == "files" and not self.data_files:
+            raise ConfigError(f"{prefix}.data_files must name a file when {prefix}.name=files")
+
+
+@dataclass
+class WarmStartConfig:
+    enabled: bool = doc(True, "supervised warm-start on the task before RL (cached under run.cache_dir)")
+    steps: int = doc(300, "optimizer steps of the warm-start")
+    batch_size: int = doc(64, "sequences per warm-start step (global)")
+    lr: float = doc(3e-3, "warm-start learning rate (AdamW, cosine to 10%)")
+
+    def validate(self, prefix: str = "warmstart") -> None:
+        check_positive(f"{prefix}.steps", self.steps, allow_zero=True)
+        check_positive(f"{prefix}.batch_size", self.batch_size)
+        check_positive(f"{prefix}.lr", self.lr)
+
+
+@dataclass
+class LearnerConfig:
+    tp: int = doc(1, "tensor-parallel size of the Megatron learner")
+    pp: int = doc(1, "pipeline-parallel size")
+    dp: int = doc(1, "data-parallel size (world size = tp * pp * dp)")
+    precision: str = doc("fp32", "learner parameter/compute precision: fp32 or bf16")
+    lr: float = doc(1e-4, "RL learning rate (AdamW)")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    adam_beta2: float = doc(0.99, "AdamW beta2")
+    grad_clip: float = doc(1.0, "global gradient-norm clip (0 = off)")
+    micro_batch_size: int = doc(32, "sequences per micro-batch on one DP rank")
+    distributed_optimizer: bool = doc(False, "shard optimizer state over DP (Megatron DistributedOptimizer)")
+    threads: int = doc(0, "torch threads per learner process (0 = cores / processes)")
+
+    def validate(self, prefix: str = "learner") -> None:
+        for key in ("tp", "pp", "dp", "micro_batch_size"):
+            check_positive(f"{prefix}.{key}", getattr(self, key))
+        check_choice(f"{prefix}.precision", self.precision, ("fp32", "bf16"))
+        check_positive(f"{prefix}.lr", self.lr)
+        check_positive(f"{prefix}.weight_decay", self.weight_decay, allow_zero=True)
+        check_range(f"{prefix}.adam_beta2", self.adam_beta2, 0.0, 0.99999)
+        check_positive(f"{prefix}.grad_clip", self.grad_clip, allow_zero=True)
+        check_positive(f"{prefix}.threads", self.threads, allow_zero=True)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+ROLLOUT_QUANT_FORMATS = ("bf16",)
+
+
+@dataclass
+class RolloutConfig:
+    quant: str = doc("bf16", "number format of the rollout engine's weights")
+    prompts_per_step: int = doc(32, "prompts per RL step")
+    samples_per_prompt: int = doc(8, "completions per prompt (the GRPO group size)")
+    max_new_tokens: int = doc(8, "longest completion in tokens")
+    temperature: float = doc(1.0, "sampling temperature (rollout logprobs are of this processed distribution)")
+    top_p: float = doc(1.0, "nucleus sampling mass")
+    kv_cache_mib: int = doc(256, "KV-cache memory of the engine in MiB (on CPU: host RAM)")
+    enforce_eager: bool = doc(True, "skip graph compilation in vLLM (faster start on CPU)")
+
+    def validate(self, prefix: str = "rollout") -> None:
+        check_choice(f"{prefix}.quant", self.quant, ROLLOUT_QUANT_FORMATS)
+        check_positive(f"{prefix}.prompts_per_step", self.prompts_per_step)
+        check_positive(f"{prefix}.samples_per_prompt", self.samples_per_prompt)
+        check_positive(f"{prefix}.max_new_tokens", self.max_new_tokens)
+        check_positive(f"{prefix}.temperature", self.temperature)
+        check_range(f"{prefix}.top_p", self.top_p, 1e-6, 1.0)
+        check_positive(f"{prefix}.kv_cache_mib", self.kv_cache_mib)
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = doc("grpo", "grpo: (r - mean) / (std + eps) per group; drgrpo: r - mean (Dr. GRPO)")
+    std_eps: float = doc(1e-6, "epsilon added to the group reward std")
+    clip_low: float = doc(0.2, "PPO ratio clip below: 1 - clip_low")
+    clip_high: float = doc(0.2, "PPO ratio clip above: 1 + clip_high (DAPO clip-higher: 0.28)")
+    loss_agg: str = doc("token_mean", "loss aggregation over the batch: token_mean or seq_mean")
+    minibatches: int = doc(1, "policy updates per rollout batch (the batch is split into this many)")
+    epochs: int = doc(1, "passes over the rollout batch")
+
+    def validate(self, prefix: str = "algo") -> None:
+        check_choice(f"{prefix}.advantage", self.advantage, ("grpo", "drgrpo"))
+        check_positive(f"{prefix}.std_eps", self.std_eps)
+        check_range(f"{prefix}.clip_low", self.clip_low, 0.0, 1.0)
+        check_positive(f"{prefix}.clip_high", self.clip_high)
+        check_choice(f"{prefix}.loss_agg", self.loss_agg, ("token_mean", "seq_mean"))
+        check_positive(f"{prefix}.minibatches", self.minibatches)
+        check_positive(f"{prefix}.epochs", self.epochs)
+
+
+@dataclass
+class SyncConfig:
+    method: str = doc("full", "weight sync learner -> engine: full (gathered bf16 weights, in-place reload)")
+    verify: bool = doc(True, "compare per-tensor checksums on the engine side after each sync")
+
+    def validate(self, prefix: str = "sync") -> None:
+        check_choice(f"{prefix}.method", self.method, ("full",))
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = doc(60, "RL steps")
+    eval_every: int = doc(0, "held-out greedy evaluation every N steps (0: only before and after RL)")
+    max_time_s: float = doc(0.0, "stop the RL phase after this many seconds (0 = no limit)")
+    checkpoint: bool = doc(True, "write a Megatron dist checkpoint to run.dir/checkpoint at the end")
+
+    def validate(self, prefix: str = "trainer") -> None:
+        check_positive(f"{prefix}.max_steps", self.max_steps, allow_zero=True)
+        check_positive(f"{prefix}.eval_every", self.eval_every, allow_zero=True)
+        check_positive(f"{prefix}.max_time_s", self.max_time_s, allow_zero=True)
+
+
+@dataclass
+class QRLConfig:
+    seed: int = doc(0, "seed of data, sampling and initialisation")
+    run: RunConfig = doc(text="outputs and logging", factory=RunConfig)
+    model: ModelConfig = doc(text="which model", factory=ModelConfig)
+    task: TaskConfig = doc(text="the verifiable task", factory=TaskConfig)
+    warmstart: WarmStartConfig = doc(text="supervised warm-start before RL", factory=WarmStartConfig)
+    learner: LearnerConfig = doc(text="Megatron learner", factory=LearnerConfig)
+    rollout: RolloutConfig = doc(text="vLLM rollout engine", factory=RolloutConfig)
+    algo: AlgoConfig = doc(text="advantages and policy loss", factory=AlgoConfig)
+    sync: SyncConfig = doc(text="learner -> engine weight sync", factory=SyncConfig)
+    trainer: TrainerConfig = doc(text="the RL loop", factory=TrainerConfig)
+
+    def validate(self) -> QRLConfig:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if is_dataclass(value):
+                value.validate(f.name)
+        batch = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+        per_update = self.learner.dp * self.algo.minibatches
+        if batch % per_update:
+            raise ConfigError(
+                f"rollout.prompts_per_step * rollout.samples_per_prompt = {batch} must be divisible by "
+                f"learner.dp * algo.minibatches = {per_update}"
+            )
+        per_rank = batch // per_update
+        if per_rank % self.learner.micro_batch_size and self.learner.micro_batch_size < per_rank:
+            raise ConfigError(
+                f"learner.micro_batch_size={self.learner.micro_batch_size} must divide the {per_rank} sequences "
+                f"each DP rank gets per update"
+            )
+        if self.warmstart.batch_size % self.learner.dp:
+            raise ConfigError(f"warmstart.batch_size must be divisible by learner.dp={self.learner.dp}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _known_keys(path: list[str]) -> list[str]:
+    """Field names of the config node at `path` (for 'did you mean' suggestions)."""
+    node: Any = QRLConfig()
+    for part in path:
+        node = getattr(node, part, None)
+        if not is_dataclass(node):
+            return []
+    return [f.name for f in fields(node)]
+
+
+def _translate(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and key:
+        *parents, leaf = key.split(".")
+        suggestion = _closest(leaf, _known_keys(parents))
+        return ConfigError(f"unknown config key '{key}'{suggestion}")
+    if isinstance(err, ValidationError) and key:
+        first = str(err).splitlines()[0]
+        return ConfigError(f"bad value for '{key}': {first}")
+    return ConfigError(str(err).splitlines()[0])
+
+
+_DOTLIST_RE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> QRLConfig:
+    """Merge a YAML recipe and `key=value` overrides onto the typed defaults, validate, return the dataclass."""
+    schema = OmegaConf.structured(QRLConfig)
+    try:
+        merged: DictConfig = schema
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file {str(p)!r} not found (recipes live in configs/, e.g. configs/tiny_cpu.yaml)")
+            loaded = OmegaConf.load(p)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+            merged = OmegaConf.merge(merged, loaded)  # type: ignore[assignment]
+        for item in overrides:
+            if not _DOTLIST_RE.match(item):
+                raise ConfigError(f"override {item!r} must look like key=value (e.g. learner.tp=2)")
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))  # type: ignore[assignment]
+        cfg: QRLConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise _translate(err) from None
+    return cfg.validate()
+
+
+def to_yaml(cfg: QRLConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: QRLConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def describe(cls: type = QRLConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, one-line doc) for every leaf field: the config reference."""
+    rows: list[tuple[str, Any, str]] = []
+    instance = cls()
+    for f in fields(cls):
+        value = getattr(instance, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            rows.extend(describe(type(value), key + "."))
+        else:
+            rows.append((key, value, f.metadata.get("doc", "")))
+    return rows

