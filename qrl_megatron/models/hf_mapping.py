@@ -1,0 +1,393 @@
+"""Exact Hugging Face <-> Megatron-core weight mapping for Qwen2/Llama, and TP/PP sharding rules.
+
+Everything here works on FULL (unsharded) tensors with GLOBAL layer numbering; the TP helpers split and join
+them by parameter name, so the learner's loader/gatherer and the resharding bridge share one set of rules.
+
+Megatron GPTModel names (local spec; the Transformer Engine spec fuses the norms into the next linear, see
+:func:`to_te_norm_names`)::
+
+    embedding.word_embeddings.weight                        [V, H]            vocab-parallel (dim 0)
+    decoder.layers.{i}.input_layernorm.weight               [H]               replicated
+    decoder.layers.{i}.self_attention.linear_qkv.weight     [(nh+2*ng)*d, H]  column-parallel, per query group
+    decoder.layers.{i}.self_attention.linear_qkv.bias       [(nh+2*ng)*d]     (Qwen2 only)
+    decoder.layers.{i}.self_attention.linear_proj.weight    [H, nh*d]         row-parallel (dim 1)
+    decoder.layers.{i}.pre_mlp_layernorm.weight             [H]               replicated
+    decoder.layers.{i}.mlp.linear_fc1.weight                [2*F, H]          [gate; up], each column-parallel
+    decoder.layers.{i}.mlp.linear_fc2.weight                [H, F]            row-parallel (dim 1)
+    decoder.final_layernorm.weight                          [H]               replicated
+    output_layer.weight                                     [V, H]            vocab-parallel; absent if tied
+
+The fused QKV is grouped by query group g = 0..ng-1: ``[q heads of group g (nh/ng of them), k_g, v_g]``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from qrl_megatron.models.registry import ModelSpec
+
+__all__ = [
+    "hf_to_megatron",
+    "megatron_to_hf",
+    "megatron_layer_index",
+    "pp_layer_offset",
+    "shard_for_tp",
+    "to_local_spec_norm_names",
+    "to_te_norm_names",
+    "tp_split_kind",
+    "unshard_from_tp",
+    "with_layer_index",
+]
+
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_MG_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+# Per-layer HF suffix -> Megatron suffix for the 1:1 (non-fused) tensors.
+_HF_TO_MG_SIMPLE = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
+    "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
+    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
+}
+_MG_TO_HF_SIMPLE = {v: k for k, v in _HF_TO_MG_SIMPLE.items()}
+# Megatron names used by the Transformer Engine layer spec (norm fused into the following linear).
+_TE_NORMS = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+# Buffers some older checkpoints carry; recomputed by both sides, so dropped.
+_IGNORED_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+# Canonical order of per-layer HF tensors (output ordering of megatron_to_hf).
+_HF_LAYER_ORDER = (
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.weight",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight",
+    "self_attn.v_proj.bias",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def megatron_layer_index(name: str) -> tuple[int | None, str]:
+    """``"decoder.layers.3.mlp.linear_fc1.weight"`` -> ``(3, "mlp.linear_fc1.weight")``; non-layer: ``(None, name)``."""
+    m = _MG_LAYER.match(name)
+    if m is None:
+        return None, name
+    return int(m.group(1)), m.group(2)
+
+
+def with_layer_index(name: str, index: int) -> str:
+    """Replace the layer number of a ``decoder.layers.{i}...`` name."""
+    i, rest = megatron_layer_index(name)
+    if i is None:
+        raise ValueError(f"{name!r} is not a decoder layer parameter")
+    return f"decoder.layers.{index}.{rest}"
+
+
+def pp_layer_offset(pp_rank: int, num_layers: int, pp_size: int) -> int:
+    """Global index of the first decoder layer on pipeline stage ``pp_rank`` (even split, no virtual stages)."""
+    if num_layers % pp_size != 0:
+        raise ValueError(f"learner.pp = {pp_size} must divide the model's num_layers = {num_layers}")
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pp_rank {pp_rank} out of range for pp_size {pp_size}")
+    return pp_rank * (num_layers // pp_size)
+
+
+def to_te_norm_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Local-spec names -> Transformer Engine spec names (norm weights live on the fused linear)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state_dict.items():
+        i, rest = megatron_layer_index(name)
+        out[f"decoder.layers.{i}.{_TE_NORMS[rest]}" if i is not None and rest in _TE_NORMS else name] = t
+    return out
+
+
+def to_local_spec_norm_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_te_norm_names` (no-op on names already in local-spec form)."""
+    inverse = {v: k for k, v in _TE_NORMS.items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state_dict.items():
+        i, rest = megatron_layer_index(name)
+        out[f"decoder.layers.{i}.{inverse[rest]}" if i is not None and rest in inverse else name] = t
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# QKV / fc1 fusion
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    ng, d = spec.num_query_groups, spec.kv_channels
+    tail = q.shape[1:]  # (H,) for weights, () for biases
+    q = q.reshape(ng, spec.heads_per_group * d, *tail)
+    k = k.reshape(ng, d, *tail)
+    v = v.reshape(ng, d, *tail)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
+
+
+def _split_qkv(qkv: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ng, d, hpg = spec.num_query_groups, spec.kv_channels, spec.heads_per_group
+    tail = qkv.shape[1:]
+    grouped = qkv.reshape(ng, (hpg + 2) * d, *tail)
+    q, k, v = torch.split(grouped, [hpg * d, d, d], dim=1)
+    return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: shape {tuple(t.shape)} does not match the model spec, expected {shape}")
+
+
+def _hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    h, d, f = spec.hidden_size, spec.kv_channels, spec.ffn_hidden_size
+    nh, ng = spec.num_attention_heads, spec.num_query_groups
+    shapes = {
+        "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (nh * d, h),
+        "self_attn.k_proj.weight": (ng * d, h),
+        "self_attn.v_proj.weight": (ng * d, h),
+        "self_attn.o_proj.weight": (h, nh * d),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
+    if spec.qkv_bias:
+        shapes.update(
+            {"self_attn.q_proj.bias": (nh * d,), "self_attn.k_proj.bias": (ng * d,), "self_attn.v_proj.bias": (ng * d,)}
+        )
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF <-> Megatron (full tensors)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def hf_to_megatron(hf_state_dict: Mapping[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """HF Qwen2/Llama state dict -> Megatron GPTModel state dict (local-spec names, full tensors, global layers).
+
+    Strict: every expected HF tensor must be present with the right shape, and any unknown key is an error.
+    With tied embeddings an ``lm_head.weight`` entry (as ``model.state_dict()`` reports it) must equal the
+    embedding and is dropped.
+    """
+    expected_layer = _hf_shapes(spec)
+    v, h = spec.vocab_size, spec.hidden_size
+    layers: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(spec.num_layers)}
+    top: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for name, t in hf_state_dict.items():
+        if _IGNORED_HF.search(name):
+            continue
+        m = _HF_LAYER.match(name)
+        if m is not None:
+            i, rest = int(m.group(1)), m.group(2)
+            if i >= spec.num_layers or rest not in expected_layer:
+                unexpected.append(name)
+                continue
+            _check_shape(name, t, expected_layer[rest])
+            layers[i][rest] = t
+        elif name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            top[name] = t
+        else:
+            unexpected.append(name)
+    if unexpected:
+        raise ValueError(f"unexpected HF tensors for {spec.arch}: {sorted(unexpected)}")
+
+    missing = [f"model.layers.{i}.{k}" for i in range(spec.num_layers) for k in expected_layer if k not in layers[i]]
+    for name in ("model.embed_tokens.weight", "model.norm.weight"):
+        if name not in top:
+            missing.append(name)
+    if not spec.tie_word_embeddings and "lm_head.weight" not in top:
+        missing.append("lm_head.weight")
+    if missing:
+        raise ValueError(f"missing HF tensors: {missing}")
+
+    _check_shape("model.embed_tokens.weight", top["model.embed_tokens.weight"], (v, h))
+    _check_shape("model.norm.weight", top["model.norm.weight"], (h,))
+    if "lm_head.weight" in top:
+        _check_shape("lm_head.weight", top["lm_head.weight"], (v, h))
+        if spec.tie_word_embeddings and not torch.equal(top["lm_head.weight"], top["model.embed_tokens.weight"]):
+            raise ValueError("tie_word_embeddings=True but lm_head.weight differs from model.embed_tokens.weight")
+
+    out: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": top["model.embed_tokens.weight"]}
+    for i in range(spec.num_layers):
+        src = layers[i]
+        p = f"decoder.layers.{i}."
+        out[p + "input_layernorm.weight"] = src["input_layernorm.weight"]
+        out[p + "self_attention.linear_qkv.weight"] = _fuse_qkv(
+            src["self_attn.q_proj.weight"], src["self_attn.k_proj.weight"], src["self_attn.v_proj.weight"], spec
+        )
+        if spec.qkv_bias:
+            out[p + "self_attention.linear_qkv.bias"] = _fuse_qkv(
+                src["self_attn.q_proj.bias"], src["self_attn.k_proj.bias"], src["self_attn.v_proj.bias"], spec
+            )
+        out[p + "self_attention.linear_proj.weight"] = src["self_attn.o_proj.weight"]
+        out[p + "pre_mlp_layernorm.weight"] = src["post_attention_layernorm.weight"]
+        out[p + "mlp.linear_fc1.weight"] = torch.cat([src["mlp.gate_proj.weight"], src["mlp.up_proj.weight"]], dim=0)
+        out[p + "mlp.linear_fc2.weight"] = src["mlp.down_proj.weight"]
+    out["decoder.final_layernorm.weight"] = top["model.norm.weight"]
+    if not spec.tie_word_embeddings:
+        out["output_layer.weight"] = top["lm_head.weight"]
+    return out
+
+
+def megatron_to_hf(megatron_state_dict: Mapping[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Exact inverse of :func:`hf_to_megatron` (local- or TE-spec norm names accepted).
+
+    Output keys are in a canonical order (embedding, layers 0..L-1, final norm, lm_head). With tied embeddings
+    an ``output_layer.weight`` entry (the last stage's copy under PP > 1) is dropped; no ``lm_head.weight`` is
+    produced (HF checkpoints of tied models do not store it).
+    """
+    sd = to_local_spec_norm_names(megatron_state_dict)
+    per_layer: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(spec.num_layers)}
+    top: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    layer_keys = {
+        "input_layernorm.weight",
+        "self_attention.linear_qkv.weight",
+        "self_attention.linear_proj.weight",
+        "pre_mlp_layernorm.weight",
+        "mlp.linear_fc1.weight",
+        "mlp.linear_fc2.weight",
+    }
+    if spec.qkv_bias:
+        layer_keys.add("self_attention.linear_qkv.bias")
+    for name, t in sd.items():
+        if name.endswith("._extra_state"):
+            continue
+        i, rest = megatron_layer_index(name)
+        if i is not None:
+            if i >= spec.num_layers or rest not in layer_keys:
+                unexpected.append(name)
+            else:
+                per_layer[i][rest] = t
+        elif name in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"):
+            top[name] = t
+        else:
+            unexpected.append(name)
+    if unexpected:
+        raise ValueError(f"unexpected Megatron tensors: {sorted(unexpected)}")
+    missing = [f"decoder.layers.{i}.{k}" for i in range(spec.num_layers) for k in layer_keys if k not in per_layer[i]]
+    needed_top = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
+    if not spec.tie_word_embeddings:
+        needed_top.append("output_layer.weight")
+    missing += [k for k in needed_top if k not in top]
+    if missing:
+        raise ValueError(f"missing Megatron tensors: {missing}")
+
+    f = spec.ffn_hidden_size
+    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": top["embedding.word_embeddings.weight"]}
+    for i in range(spec.num_layers):
+        src = per_layer[i]
+        q, k, v = _split_qkv(src["self_attention.linear_qkv.weight"], spec)
+        layer = {
+            "input_layernorm.weight": src["input_layernorm.weight"],
+            "self_attn.q_proj.weight": q,
+            "self_attn.k_proj.weight": k,
+            "self_attn.v_proj.weight": v,
+            "self_attn.o_proj.weight": src["self_attention.linear_proj.weight"],
+            "post_attention_layernorm.weight": src["pre_mlp_layernorm.weight"],
+            "mlp.down_proj.weight": src["mlp.linear_fc2.weight"],
+        }
+        fc1 = src["mlp.linear_fc1.weight"]
+        if fc1.shape[0] != 2 * f:
+            raise ValueError(f"decoder.layers.{i}.mlp.linear_fc1.weight: dim 0 is {fc1.shape[0]}, expected {2 * f}")
+        layer["mlp.gate_proj.weight"], layer["mlp.up_proj.weight"] = fc1[:f], fc1[f:]
+        if spec.qkv_bias:
+            qb, kb, vb = _split_qkv(src["self_attention.linear_qkv.bias"], spec)
+            layer.update({"self_attn.q_proj.bias": qb, "self_attn.k_proj.bias": kb, "self_attn.v_proj.bias": vb})
+        for key in _HF_LAYER_ORDER:
+            if key in layer:
+                out[f"model.layers.{i}.{key}"] = layer[key]
+    out["model.norm.weight"] = top["decoder.final_layernorm.weight"]
+    if not spec.tie_word_embeddings:
+        out["lm_head.weight"] = top["output_layer.weight"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensor-parallel sharding rules (driven by the Megatron name)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Kinds: "vocab" (dim 0, vocab-parallel), "column" (dim 0), "qkv" (dim 0 in whole query groups),
+# "fc1" (gate and up halves each split on dim 0), "row" (dim 1), "replicated".
+
+
+def tp_split_kind(name: str) -> str:
+    """How a Megatron parameter is laid out across tensor-parallel ranks (see module docstring)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("layer_norm_weight", "layer_norm_bias") or "layernorm" in name:
+        return "replicated"
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return "vocab"
+    if ".linear_qkv." in name:
+        return "qkv"
+    if ".linear_fc1." in name:
+        return "fc1"
+    if ".linear_proj." in name or ".linear_fc2." in name:
+        # Row-parallel: the weight is split on its input dim; a bias would be replicated.
+        return "row" if leaf == "weight" else "replicated"
+    raise ValueError(f"no tensor-parallel rule for Megatron parameter {name!r}")
+
+
+def _check_divisible(name: str, size: int, tp_size: int, what: str) -> None:
+    if size % tp_size != 0:
+        raise ValueError(f"{name}: {what} {size} is not divisible by learner.tp = {tp_size}")
+
+
+def shard_for_tp(name: str, full_tensor: torch.Tensor, tp_size: int, tp_rank: int, spec: ModelSpec) -> torch.Tensor:
+    """The slice of a full Megatron tensor held by tensor-parallel rank ``tp_rank`` (a contiguous copy)."""
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank {tp_rank} out of range for tp_size {tp_size}")
+    kind = tp_split_kind(name)
+    if kind == "replicated" or tp_size == 1:
+        return full_tensor.clone()
+    if kind == "qkv":
+        _check_divisible(name, spec.num_query_groups, tp_size, "num_query_groups")
+        return full_tensor.chunk(tp_size, dim=0)[tp_rank].clone()
+    if kind in ("vocab", "column"):
+        _check_divisible(name, full_tensor.shape[0], tp_size, "dim 0")
+        return full_tensor.chunk(tp_size, dim=0)[tp_rank].clone()
+    if kind == "fc1":
+        _check_divisible(name, full_tensor.shape[0] // 2, tp_size, "ffn_hidden_size")
+        gate, up = full_tensor.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
+    if kind == "row":
+        _check_divisible(name, full_tensor.shape[1], tp_size, "dim 1")
+        return full_tensor.chunk(tp_size, dim=1)[tp_rank].clone()
+    raise AssertionError(kind)
+
+
+def unshard_from_tp(name: str, shards: list[torch.Tensor], spec: ModelSpec) -> torch.Tensor:
+    """Inverse of :func:`shard_for_tp`: join the shards of all TP ranks (in rank order) into the full tensor."""
+    if not shards:
+        raise ValueError(f"{name}: no shards")
+    tp_size = len(shards)
+    kind = tp_split_kind(name)
+    if kind == "replicated" or tp_size == 1:
+        return shards[0].clone()
+    if kind in ("qkv", "vocab", "column"):
+        return torch.cat(shards, dim=0)
+    if kind == "fc1":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    if kind == "row":
+        return torch.cat(shards, dim=1)
+    raise AssertionError(kind)

