@@ -281,7 +281,8 @@ def _translate(err: OmegaConfBaseException) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and key:
         *parents, leaf = key.split(".")
-        suggestion = _closest(leaf, _known_keys(parents))
+        match = difflib.get_close_matches(leaf, _known_keys(parents), n=1, cutoff=0.5)
+        suggestion = f" (did you mean '{'.'.join([*parents, match[0]])}'?)" if match else ""
         return ConfigError(f"unknown config key '{key}'{suggestion}")
     if isinstance(err, ValidationError) and key:
         first = str(err).splitlines()[0]

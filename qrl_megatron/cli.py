@@ -1,0 +1,99 @@
+"""`qrl-train CONFIG [key=value ...]`: merge, validate, start the learner processes, train.
+
+With TP×PP×DP > 1 and no launcher around it, the command starts the processes itself through torchrun's
+elastic launcher (one machine, loopback rendezvous), so `qrl-train configs/x.yaml learner.tp=2` works on a laptop.
+Config errors are one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from qrl_megatron.config import ConfigError, QRLConfig, describe, load_config, to_yaml
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qrl-train",
+        description="RL with verifiable rewards: quantized vLLM rollouts, Megatron-core learner.",
+        epilog="example: qrl-train configs/tiny_cpu.yaml learner.tp=2 trainer.max_steps=3 run.dir=runs/tp2-check",
+    )
+    parser.add_argument("config", nargs="?", help="YAML recipe (configs/*.yaml); omitted: built-in defaults")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rollout.temperature=0.8")
+    parser.add_argument("--print-config", action="store_true", help="print the merged, validated config and exit")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and doc")
+    return parser
+
+
+def _split_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    # `qrl-train learner.tp=2` (no recipe): the first positional is an override, not a file
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
+def _launch_workers(cfg: QRLConfig, argv: list[str]) -> int:
+    """Run this same command in tp*pp*dp processes via torchrun's launcher; rank 0's output is shown."""
+    from torch.distributed.run import get_args_parser, run
+
+    launcher_args = get_args_parser().parse_args(
+        [
+            "--standalone",
+            f"--nproc-per-node={cfg.learner.world_size}",
+            "--local-ranks-filter=0",
+            "--module",
+            "qrl_megatron.cli",
+            *argv,
+        ]
+    )
+    try:
+        run(launcher_args)
+    except Exception as err:  # torchrun's ChildFailedError already printed the failing rank's traceback
+        print(f"qrl-train: a learner process failed: {type(err).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.help_config:
+        for key, default, text in describe():
+            print(f"{key:38s} {default!r:24s} {text}")
+        return 0
+    path, overrides = _split_args(args)
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as err:
+        print(f"qrl-train: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+
+    from qrl_megatron.models.base import prepare_base_model
+
+    in_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if cfg.learner.world_size > 1 and not in_launcher:
+        prepare_base_model(cfg)  # once, before the ranks start, so they never race to build it
+        return _launch_workers(cfg, argv)
+    if in_launcher and int(os.environ["WORLD_SIZE"]) != cfg.learner.world_size:
+        print(
+            f"qrl-train: config error: launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but learner.tp*pp*dp = "
+            f"{cfg.learner.world_size}; make them agree",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG_ERROR
+
+    from qrl_megatron.train import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Token batches for the learner: fixed-length right-padded sequences with per-token tensors aligned to labels.
+
+Position t of every per-token tensor describes the prediction of token t+1 (the label), so a completion of k tokens
+after a prompt of p tokens occupies positions p-1 .. p+k-2. Fixed length keeps pipeline-parallel p2p shapes static.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class TokenBatch:
+    tokens: torch.Tensor  # [B, S] int64, right-padded
+    labels: torch.Tensor  # [B, S] int64: tokens shifted left by one
+    loss_mask: torch.Tensor  # [B, S] float: 1 where the label is a completion token
+    advantages: torch.Tensor  # [B] float
+    rollout_logprobs: torch.Tensor  # [B, S] float: behaviour-policy (engine) logprobs of the labels
+    old_logprobs: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [B, S]: learner before the update
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def select(self, index: slice | torch.Tensor) -> TokenBatch:
+        return TokenBatch(
+            **{f.name: (getattr(self, f.name)[index] if getattr(self, f.name).numel() else getattr(self, f.name)) for f in fields(self)}
+        )
+
+    def split(self, parts: int) -> list[TokenBatch]:
+        size = len(self) // parts
+        return [self.select(slice(i * size, (i + 1) * size)) for i in range(parts)]
+
+    @property
+    def num_tokens(self) -> float:
+        return float(self.loss_mask.sum())
+
+
+def pack_sequences(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    seq_length: int,
+    pad_id: int,
+    advantages: Sequence[float] | torch.Tensor | None = None,
+    rollout_logprobs: Sequence[Sequence[float]] | None = None,
+) -> TokenBatch:
+    batch = len(prompts)
+    tokens = torch.full((batch, seq_length), pad_id, dtype=torch.long)
+    mask = torch.zeros(batch, seq_length)
+    behaviour = torch.zeros(batch, seq_length)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        sequence = list(prompt) + list(completion)
+        if len(sequence) > seq_length:
+            raise ValueError(
+                f"sequence {i} has {len(sequence)} tokens, more than the model's {seq_length}; "
+                "shorten the prompts or rollout.max_new_tokens"
+            )
+        tokens[i, : len(sequence)] = torch.tensor(sequence)
+        start, end = len(prompt) - 1, len(sequence) - 1
+        mask[i, start:end] = 1.0
+        if rollout_logprobs is not None:
+            behaviour[i, start:end] = torch.tensor(rollout_logprobs[i], dtype=torch.float32)
+    labels = torch.full_like(tokens, pad_id)
+    labels[:, :-1] = tokens[:, 1:]
+    adv = torch.as_tensor(advantages if advantages is not None else [0.0] * batch, dtype=torch.float32)
+    return TokenBatch(tokens=tokens, labels=labels, loss_mask=mask, advantages=adv, rollout_logprobs=behaviour)

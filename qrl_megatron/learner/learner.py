@@ -1,0 +1,175 @@
+"""The Megatron learner on one rank: model chunk + DDP + optimizer, log-probabilities and one policy update.
+
+All ranks of the TP×PP×DP world call the same methods with their DP share of the batch; Megatron's pipeline
+schedule moves activations between stages, and the loss lives on the last stage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from qrl_megatron.config import LearnerConfig
+from qrl_megatron.learner.batch import TokenBatch
+from qrl_megatron.learner.model import build_gpt_model, gather_hf_state_dict, load_hf_state_dict
+from qrl_megatron.models.registry import ModelSpec
+from qrl_megatron.platform import ParallelLayout
+
+# loss_fn(logprobs, batch, scale) -> (scaled loss, {metric: summed value}); scale turns a per-micro-batch sum into
+# its share of the global mean (see Learner._scale).
+LossFn = Callable[[torch.Tensor, TokenBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each label and the entropy of the full-vocabulary distribution, from TP-sharded logits."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    full = gather_from_tensor_model_parallel_region(logits).float()
+    logp = torch.log_softmax(full, dim=-1)
+    token_logp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return token_logp, entropy
+
+
+class Learner:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        layout: ParallelLayout,
+        cfg: LearnerConfig,
+        hf_state_dict: dict[str, torch.Tensor],
+        lr: float,
+        seq_length: int,
+    ) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        self.spec, self.layout, self.cfg, self.seq_length = spec, layout, cfg, seq_length
+        self.params_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        module = build_gpt_model(spec, layout, params_dtype=self.params_dtype)
+        load_hf_state_dict(module, hf_state_dict, spec, layout)
+        self.config = module.config
+        self.config.finalize_model_grads_func = finalize_model_grads
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.distributed_optimizer,
+        )
+        self.model = DistributedDataParallel(self.config, ddp_config, module)
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=lr,
+                weight_decay=cfg.weight_decay,
+                adam_beta1=0.9,
+                adam_beta2=cfg.adam_beta2,
+                clip_grad=cfg.grad_clip,
+                bf16=cfg.precision == "bf16",
+                params_dtype=self.params_dtype,
+                use_distributed_optimizer=cfg.distributed_optimizer,
+            ),
+            [self.model],
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _run_schedule(self, batch: TokenBatch, loss_func: Callable[..., Any], forward_only: bool) -> list[Any]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        micro = min(self.cfg.micro_batch_size, len(batch))
+        microbatches = batch.split(max(1, len(batch) // micro))
+        positions = torch.arange(self.seq_length).unsqueeze(0).expand(micro, -1)
+
+        def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Callable[..., Any]]:
+            mb: TokenBatch = next(data_iterator)
+            output = model(mb.tokens, positions, attention_mask=None)
+            return output, partial(loss_func, mb)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(microbatches),
+            model=[self.model],
+            num_microbatches=len(microbatches),
+            seq_length=self.seq_length,
+            micro_batch_size=micro,
+            forward_only=forward_only,
+            collect_non_loss_data=forward_only,
+        )
+
+    def logprobs(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(token logprobs [B, S], entropy [B, S]) of this rank's batch on the last stage; None on other stages."""
+
+        def collect(mb: TokenBatch, logits: torch.Tensor, non_loss_data: bool = True) -> Any:
+            return token_logprobs_and_entropy(logits, mb.labels)
+
+        self.model.eval()
+        with torch.no_grad():
+            outputs = self._run_schedule(batch, collect, forward_only=True)
+        self.model.train()
+        if not self.layout.is_last_stage:
+            return None
+        return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+
+    def train_step(self, batch: TokenBatch, loss_fn: LossFn, total_tokens: float, total_seqs: float, lr: float | None = None) -> dict[str, float]:
+        """One optimizer step on this rank's batch; `total_*` are the global counts of the whole update (all DP ranks)."""
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        num_microbatches = max(1, len(batch) // min(self.cfg.micro_batch_size, len(batch)))
+        # The schedule divides each micro-batch loss by num_microbatches and Megatron DDP averages gradients over
+        # DP; loss_fn returns its share of the *global* mean, so undo both to keep the exact global normaliser.
+        undo = float(num_microbatches * self.layout.dp)
+
+        def loss_func(mb: TokenBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            logp, entropy = token_logprobs_and_entropy(logits, mb.labels)
+            loss, metrics = loss_fn(logp, mb, total_tokens=total_tokens, total_seqs=total_seqs)  # type: ignore[call-arg]
+            metrics = {**metrics, "loss": loss.detach().clone(), "entropy_sum": (entropy.detach() * mb.loss_mask).sum()}
+            return loss * undo, metrics
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run_schedule(batch, loss_func, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        summed = self.reduce_sums(outputs)
+        summed["grad_norm"] = float(grad_norm) if grad_norm is not None else math.nan
+        summed["update_skipped"] = float(not update_ok)
+        return summed
+
+    def reduce_sums(self, outputs: list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]) -> dict[str, float]:
+        """Sum per-micro-batch metrics over micro-batches and DP ranks; every rank gets the result.
+
+        Only last-stage ranks computed metrics; each TP rank of it holds the same values (logits are gathered),
+        so summing over DP and then over the pipeline group (earlier stages add zeros) counts each once.
+        """
+        from megatron.core import parallel_state
+
+        if isinstance(outputs, dict):
+            outputs = [outputs] if outputs else []
+        payload = [sorted(outputs[0]) if outputs else []]
+        if self.layout.pp > 1:
+            dist.broadcast_object_list(
+                payload,
+                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
+        names = payload[0]
+        values = torch.zeros(len(names), dtype=torch.float64)
+        if self.layout.is_last_stage:
+            for out in outputs:
+                values += torch.stack([out[n].double().reshape(()) for n in names])
+        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        if self.layout.pp > 1:
+            dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+        return dict(zip(names, values.tolist(), strict=True))
+
+    def gather_hf_weights(self, dtype: torch.dtype = torch.bfloat16, dst: int | None = 0) -> dict[str, torch.Tensor] | None:
+        return gather_hf_state_dict(self.model.module, self.spec, self.layout, dst=dst, dtype=dtype)
+
+    def save_checkpoint(self, directory: str) -> None:
+        from qrl_megatron.learner.checkpoint import save_checkpoint
+
+        save_checkpoint(self.model, self.optimizer, directory)

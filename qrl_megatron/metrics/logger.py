@@ -1,0 +1,63 @@
+"""Per-step metrics: `metrics.jsonl` (one JSON object per step), TensorBoard events and a live progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+PROGRESS_FIELDS = (
+    ("reward_mean", "reward {:.3f}"),
+    ("accuracy", "acc {:.3f}"),
+    ("time_rollout_s", "rollout {:.2f}s"),
+    ("time_train_s", "train {:.2f}s"),
+    ("time_sync_s", "sync {:.2f}s"),
+    ("rollout_tokens_per_s", "{:.0f} tok/s"),
+    ("logprob_diff_abs_mean", "|Δlogp| {:.4f}"),
+)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, progress: bool = True, total_steps: int = 0) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl: TextIO = (self.dir / "metrics.jsonl").open("w")
+        self.total = total_steps
+        self.progress = progress
+        self.started = time.perf_counter()
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.dir / "tb"))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+        if self.progress:
+            self._print_progress(step, record)
+
+    def _print_progress(self, step: int, record: dict[str, Any]) -> None:
+        parts = [f"step {step}/{self.total}" if self.total else f"step {step}"]
+        parts += [fmt.format(record[key]) for key, fmt in PROGRESS_FIELDS if key in record]
+        parts.append(f"{time.perf_counter() - self.started:.0f}s")
+        print(" | ".join(parts), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return value

@@ -1,0 +1,148 @@
+"""The RL loop. One step: rollout -> reward -> advantage -> learner logprobs -> loss/update -> weight sync.
+
+Every rank of the learner world runs this function; rank 0 also owns the colocated vLLM engine and the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from qrl_megatron.algos.policy_loss import grpo_loss
+from qrl_megatron.bridge.base import make_weight_sync
+from qrl_megatron.config import QRLConfig, to_dict
+from qrl_megatron.data.arithmetic import load_task
+from qrl_megatron.learner.batch import TokenBatch
+from qrl_megatron.learner.learner import Learner
+from qrl_megatron.learner.warmstart import run_warmstart
+from qrl_megatron.metrics.logger import MetricsLogger
+from qrl_megatron.models.base import load_hf_weights, load_tokenizer, prepare_base_model, sequence_length
+from qrl_megatron.models.registry import load_spec
+from qrl_megatron.platform import destroy_distributed, init_distributed
+from qrl_megatron.rollout.stage import PromptSampler, evaluate, rollout
+
+
+def _broadcast(obj: object) -> object:
+    payload = [obj]
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def train(cfg: QRLConfig) -> dict[str, float] | None:
+    layout = init_distributed(cfg.learner.tp, cfg.learner.pp, cfg.learner.dp, seed=cfg.seed)
+    torch.set_num_threads(cfg.learner.threads or max(1, (os.cpu_count() or 1) // layout.world_size))
+    is_rank0 = layout.rank == 0
+    base_dir = prepare_base_model(cfg)  # built by the launcher before the ranks start; a cache hit here
+    spec, tokenizer = load_spec(base_dir), load_tokenizer(base_dir)
+    task = load_task(cfg.task, cfg.seed)
+    seq_length = sequence_length(tokenizer, task, cfg.rollout.max_new_tokens, spec.max_position_embeddings)
+
+    policy_dir = base_dir
+    if cfg.warmstart.enabled and cfg.warmstart.steps > 0:
+        policy_dir = run_warmstart(cfg, spec, layout, base_dir, load_hf_weights(base_dir), list(task["train"]), tokenizer, seq_length)
+    learner = Learner(spec, layout, cfg.learner, load_hf_weights(policy_dir), lr=cfg.learner.lr, seq_length=seq_length)
+    sync = make_weight_sync(cfg.sync)
+    loss_fn = grpo_loss(cfg.algo)
+
+    engine = logger = sampler = None
+    eval_prompts, eval_answers = list(task["eval"]["prompt"]), list(task["eval"]["answer"])
+    evals: dict[str, object] = {}
+    if is_rank0:
+        from qrl_megatron.rollout.vllm_engine import VLLMEngine
+
+        run_dir = Path(cfg.run.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        engine = VLLMEngine(str(policy_dir), cfg.rollout, seed=cfg.seed, max_model_len=seq_length)
+        sampler = PromptSampler(list(task["train"]["prompt"]), list(task["train"]["answer"]), cfg.seed)
+        logger = MetricsLogger(run_dir, cfg.run.tensorboard, cfg.run.progress, cfg.trainer.max_steps)
+        evals["before"] = evaluate(engine, eval_prompts, eval_answers, cfg.rollout.max_new_tokens)
+        print(f"held-out greedy accuracy before RL: {evals['before']['accuracy']:.3f}", flush=True)  # type: ignore[index]
+
+    rl_start = time.perf_counter()
+    last: dict[str, float] = {}
+    step = 0
+    for step in range(1, cfg.trainer.max_steps + 1):
+        # rollout -> reward -> advantage (rank 0, on the engine), then every rank takes its DP share
+        result = rollout(engine, sampler, cfg, step, seq_length, tokenizer.pad_token_id) if is_rank0 else None  # type: ignore[arg-type]
+        result = _broadcast(result)
+        batch: TokenBatch = result.batch  # type: ignore[attr-defined]
+        local = batch.split(layout.dp)[layout.dp_rank]
+
+        # learner: proximal (old) logprobs, then the policy updates
+        train_start = time.perf_counter()
+        out = learner.logprobs(local)
+        if out is not None:
+            local.old_logprobs = out[0]
+        probe = learner.reduce_sums(_mismatch_sums(local, out))
+        updates = []
+        for _ in range(cfg.algo.epochs):
+            for index, minibatch in enumerate(local.split(cfg.algo.minibatches)):
+                global_part = [part.split(cfg.algo.minibatches)[index] for part in batch.split(layout.dp)]
+                tokens = sum(p.num_tokens for p in global_part)
+                updates.append(learner.train_step(minibatch, loss_fn, tokens, sum(len(p) for p in global_part)))
+        train_seconds = time.perf_counter() - train_start
+
+        # weight sync: learner -> engine, in place
+        sync_metrics = sync(learner, engine, step)
+
+        if is_rank0:
+            last = _step_metrics(result.metrics, probe, updates, train_seconds, sync_metrics)  # type: ignore[attr-defined]
+            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
+                last["eval_accuracy"] = evaluate(engine, eval_prompts, eval_answers, cfg.rollout.max_new_tokens)["accuracy"]  # type: ignore[arg-type]
+            logger.log(step, last)  # type: ignore[union-attr]
+        if cfg.trainer.max_time_s and _broadcast(time.perf_counter() - rl_start > cfg.trainer.max_time_s):
+            break
+
+    rl_seconds = time.perf_counter() - rl_start
+    if cfg.trainer.checkpoint:
+        learner.save_checkpoint(str(Path(cfg.run.dir) / "checkpoint"))
+    if is_rank0:
+        evals["after"] = evaluate(engine, eval_prompts, eval_answers, cfg.rollout.max_new_tokens)  # type: ignore[arg-type]
+        evals.update(rl_seconds=rl_seconds, steps=step if cfg.trainer.max_steps else 0, policy=str(policy_dir))
+        evals["improvement"] = evals["after"]["accuracy"] - evals["before"]["accuracy"]  # type: ignore[index]
+        (Path(cfg.run.dir) / "eval.json").write_text(json.dumps(evals, indent=2))
+        print(
+            f"held-out greedy accuracy: {evals['before']['accuracy']:.3f} -> {evals['after']['accuracy']:.3f} "  # type: ignore[index]
+            f"({rl_seconds:.0f} s of RL); outputs in {cfg.run.dir}",
+            flush=True,
+        )
+        logger.close()  # type: ignore[union-attr]
+        engine.close()  # type: ignore[union-attr]
+    dist.barrier()
+    destroy_distributed()
+    return evals if is_rank0 else None  # type: ignore[return-value]
+
+
+def _mismatch_sums(local: TokenBatch, out: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Sums for the |learner - rollout| logprob gap and learner entropy on sampled tokens (last stage only)."""
+    if out is None:
+        return {}
+    logp, entropy = out
+    mask = local.loss_mask
+    return {
+        "logprob_diff_abs_sum": ((logp - local.rollout_logprobs).abs() * mask).sum(),
+        "entropy_sum": (entropy * mask).sum(),
+        "tokens": mask.sum(),
+    }
+
+
+def _step_metrics(rollout_metrics: dict[str, float], probe: dict[str, float], updates: list[dict[str, float]], train_seconds: float, sync_metrics: dict[str, float]) -> dict[str, float]:
+    tokens = max(probe.get("tokens", 0.0), 1.0)
+    metrics = dict(rollout_metrics)
+    metrics.update(
+        time_train_s=train_seconds,
+        logprob_diff_abs_mean=probe.get("logprob_diff_abs_sum", 0.0) / tokens,
+        entropy=probe.get("entropy_sum", 0.0) / tokens,
+        loss=sum(u["loss"] for u in updates) / len(updates),
+        grad_norm=updates[-1]["grad_norm"],
+        clip_fraction=sum(u["clipped_tokens"] for u in updates) / max(sum(u["tokens"] for u in updates), 1.0),
+        **sync_metrics,
+    )
+    metrics["time_step_s"] = metrics["time_rollout_s"] + train_seconds + metrics["time_sync_s"]
+    return metrics

@@ -1,0 +1,219 @@
+"""NVFP4: E2M1 elements, one float8_e4m3fn scale per 16 inputs, one float32 global scale per tensor.
+
+Arithmetic, step by step (``arith="compressed_tensors"``, the default -- compressed-tensors'
+``generate_gparam`` + ``calculate_qparams`` + ``quantize`` + ``pack_fp4_to_uint8`` as they execute on CPU):
+
+    amax     = max |W|                     (or the caller's ``global_amax``, shared by fused / sharded weights)
+    gs       = reciprocal(max(amax, tiny)) * 2688.0        (448 * 6; ``2688.0 / t`` in torch is reciprocal * 2688;
+                                                           +-inf/NaN -> 1.0, so an all-zero tensor gets gs = 1)
+    s_b      = e4m3(clamp(gs * (amax_b / 6.0), +-448))      amax_b = max |W| over the 16-block, float32
+    s_b      = 0.125 where s_b == 0                         (compressed-tensors' eps for an E4M3 scale)
+    y        = W / (s_b / gs)                               float32, true division
+    code     = rne_e2m1(clamp(y, +-6)), sign bit iff y < 0
+    dequant  = code * (s_b / gs)                            (compressed-tensors decompressor)
+             = code * (s_b * (1 / gs))                      (vLLM ``dequantize_to_dtype``; QuantizedTensor default)
+
+``arith="vllm"`` follows vLLM's ``ref_nvfp4_quant`` (the emulation path that quantizes activations):
+``s_b = e4m3(clamp(gs * (amax_b * (1/6)), +-448))`` with no eps replacement and ``y = W * reciprocal(s_b * reciprocal(gs))``
+(a zero scale uses 1e8 in place of 0 before the reciprocal, as ``get_reciprocal`` does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from te_ext import _e2m1, hadamard
+from te_ext._common import (
+    E2M1_MAX,
+    E4M3_MAX,
+    E4M3_ZERO_SCALE_EPS,
+    NVFP4_BLOCK,
+    as_rows,
+    block_absmax,
+    check_arith,
+    check_finite_amax,
+    check_input,
+    pad_last_dim,
+    require_multiple,
+    row_chunks,
+)
+from te_ext.qtensor import QuantizedTensor
+
+_FMT = "nvfp4"
+
+
+def global_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
+    """float32 ``[1]`` global scale ``448*6/amax`` computed exactly as compressed-tensors' ``generate_gparam``."""
+    a = torch.as_tensor(amax, dtype=torch.float32).reshape(1)
+    a = torch.clamp(a, min=torch.finfo(torch.float32).tiny)
+    gs = a.reciprocal() * (E4M3_MAX * E2M1_MAX)
+    return torch.nan_to_num(gs, nan=1.0, posinf=1.0, neginf=1.0)
+
+
+def tensor_amax(x: torch.Tensor, *, hadamard_seed: int | None = None) -> torch.Tensor:
+    """float32 ``max |x|`` (of the Hadamard-transformed tensor when ``hadamard_seed`` is given)."""
+    if hadamard_seed is not None:
+        x = hadamard.forward(pad_last_dim(as_rows(x), NVFP4_BLOCK), hadamard_seed)
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32)
+    lo, hi = x.aminmax()
+    return torch.maximum(lo.neg(), hi).float()
+
+
+def _tile_amax(amax_b: torch.Tensor) -> torch.Tensor:
+    """Per-(1x16) block amax ``[R, G]`` -> per-16x16-tile amax broadcast back to ``[R, G]``."""
+    r, g = amax_b.shape
+    pad = (-r) % NVFP4_BLOCK
+    a = torch.nn.functional.pad(amax_b, (0, 0, 0, pad)) if pad else amax_b
+    tiles = a.reshape(-1, NVFP4_BLOCK, g).amax(dim=1)
+    return tiles.repeat_interleave(NVFP4_BLOCK, dim=0)[:r]
+
+
+def quantize(
+    x: torch.Tensor,
+    *,
+    global_amax: torch.Tensor | float | None = None,
+    global_scale: torch.Tensor | float | None = None,
+    stochastic_rounding: bool = False,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    block_2d: bool = False,
+    hadamard: bool = False,
+    hadamard_seed: int = 0,
+    pad: bool = False,
+    arith: str = "compressed_tensors",
+) -> QuantizedTensor:
+    from te_ext import hadamard as rht
+
+    check_input(x, _FMT)
+    check_arith(arith, _FMT)
+    if global_amax is not None and global_scale is not None:
+        raise ValueError("te_ext.quantize(fmt='nvfp4'): pass either global_amax or global_scale, not both")
+    shape = x.shape
+    k = shape[-1]
+    if not pad:
+        require_multiple(
+            k,
+            NVFP4_BLOCK,
+            _FMT,
+            "NVFP4 has one E4M3 scale per 16 inputs; vLLM allocates weight_packed [N, K/2] and weight_scale "
+            "[N, K/16] and cannot load a ragged tail.",
+        )
+    if block_2d and x.ndim != 2:
+        raise ValueError(
+            f"te_ext.quantize(fmt='nvfp4', block_2d=True): 16x16 blocks need a 2-D weight, got shape {tuple(shape)}"
+        )
+    x2 = pad_last_dim(as_rows(x), NVFP4_BLOCK)
+    if hadamard:
+        x2 = rht.forward(x2, hadamard_seed)
+    rows, kp = x2.shape
+    groups = kp // NVFP4_BLOCK
+
+    amax_b = block_absmax(x2, NVFP4_BLOCK)  # [rows, groups] float32
+    check_finite_amax(amax_b, x, _FMT)
+    if block_2d:
+        amax_b = _tile_amax(amax_b)
+    local_amax = amax_b.max() if amax_b.numel() else torch.zeros((), dtype=torch.float32)
+
+    if global_scale is not None:
+        gs = torch.as_tensor(global_scale, dtype=torch.float32).reshape(1).clone()
+        if not bool(torch.isfinite(gs).all()) or float(gs) <= 0:
+            raise ValueError(f"te_ext.quantize(fmt='nvfp4'): global_scale must be finite and > 0, got {float(gs)}")
+        if float(local_amax) * float(gs) / E2M1_MAX > E4M3_MAX * (1 + 2**-4):
+            raise ValueError(
+                f"te_ext.quantize(fmt='nvfp4'): global_scale={float(gs):.6g} is too large for this tensor "
+                f"(amax {float(local_amax):.6g}): block scales would exceed 448 and clip. Use global_scale <= "
+                f"2688/amax, or pass global_amax= instead."
+            )
+    else:
+        if global_amax is None:
+            amax = local_amax
+        else:
+            amax = torch.as_tensor(global_amax, dtype=torch.float32).reshape(())
+            if not bool(torch.isfinite(amax)):
+                raise ValueError(f"te_ext.quantize(fmt='nvfp4'): global_amax must be finite, got {float(amax)}")
+            if float(amax) < float(local_amax):
+                raise ValueError(
+                    f"te_ext.quantize(fmt='nvfp4'): global_amax={float(amax):.6g} is smaller than this tensor's own "
+                    f"amax {float(local_amax):.6g}{' (after the Hadamard transform)' if hadamard else ''}; values "
+                    "would clip. Pass the max over every tensor that shares the global scale "
+                    "(te_ext.global_amax(q, k, v) for fused q/k/v, the max over TP shards for a sharded weight)."
+                )
+        gs = global_scale_from_amax(amax)
+
+    if arith == "compressed_tensors":
+        s = gs * (amax_b / E2M1_MAX)
+        s8 = torch.clamp(s, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        sf = s8.float()
+        zero = sf == 0
+        if bool(zero.any()):
+            sf = torch.where(zero, torch.tensor(E4M3_ZERO_SCALE_EPS), sf)
+            s8 = sf.to(torch.float8_e4m3fn)
+        per_block = (sf / gs).unsqueeze(-1)  # y = x / per_block
+        divide = True
+    else:
+        s = gs * (amax_b * (1.0 / E2M1_MAX))
+        s8 = torch.clamp(s, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        sf = s8.float()
+        t = sf * (1.0 / (gs + (gs == 0) * 1e8))
+        per_block = (1.0 / (t + (t == 0) * 1e8)).unsqueeze(-1)  # y = x * per_block
+        divide = False
+
+    gen = generator
+    if stochastic_rounding and gen is None and seed is not None:
+        gen = torch.Generator(device=x.device).manual_seed(int(seed))
+
+    packed = torch.empty(rows, kp // 2, dtype=torch.uint8, device=x.device)
+    for sl in row_chunks(rows, kp):
+        r = sl.stop - sl.start
+        y = x2[sl].to(torch.float32, copy=True).view(r, groups, NVFP4_BLOCK)
+        if divide:
+            y.div_(per_block[sl])
+        else:
+            y.mul_(per_block[sl])
+        y.clamp_(-E2M1_MAX, E2M1_MAX)
+        codes = _e2m1.encode(y.view(r, kp), stochastic=stochastic_rounding, generator=gen)
+        packed[sl] = _e2m1.pack(codes)
+
+    lead = tuple(shape[:-1])
+    options = {
+        "arith": arith,
+        "block_2d": block_2d,
+        "hadamard": hadamard,
+        "hadamard_seed": hadamard_seed if hadamard else None,
+        "stochastic_rounding": stochastic_rounding,
+        "seed": seed,
+        "padded_k": kp,
+    }
+    return QuantizedTensor(
+        fmt=_FMT,
+        codes=packed.reshape(*lead, kp // 2),
+        scales={"weight_scale": s8.reshape(*lead, groups), "weight_global_scale": gs},
+        shape=torch.Size(shape),
+        options=options,
+    )
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, *, reference: str = "vllm") -> torch.Tensor:
+    if reference not in ("vllm", "compressed_tensors"):
+        raise ValueError(f"reference must be 'vllm' or 'compressed_tensors', got {reference!r}")
+    codes = qt.codes.reshape(-1, qt.codes.shape[-1])
+    rows, kp = codes.shape[0], codes.shape[1] * 2
+    groups = kp // NVFP4_BLOCK
+    sf = qt.scales["weight_scale"].reshape(rows, groups).float()
+    gs = qt.scales["weight_global_scale"].float().reshape(())
+    mult = sf * gs.reciprocal() if reference == "vllm" else sf / gs
+    mult = mult.unsqueeze(-1)
+    k = qt.shape[-1]
+    rht = qt.options.get("hadamard")
+    out_dtype = torch.float32 if rht else dtype
+    out = torch.empty(rows, kp, dtype=out_dtype, device=codes.device)
+    for sl in row_chunks(rows, kp):
+        r = sl.stop - sl.start
+        vals = _e2m1.decode(codes[sl]).view(r, groups, NVFP4_BLOCK)
+        out[sl] = vals.mul_(mult[sl]).view(r, kp)
+    if rht:
+        out = hadamard.inverse(out, qt.options["hadamard_seed"]).to(dtype)
+    if kp != k:
+        out = out[:, :k]
+    return out.reshape(qt.shape)
