@@ -434,6 +434,11 @@ _COMPAT_CALLABLES: tuple[tuple[str, str | None, str, str], ...] = (
     ),
 )
 
+
+def _drop_cpu_rng_fork_warning(record: logging.LogRecord) -> bool:
+    return record.getMessage() != "CPU RNG state changed within GPU RNG context"
+
+
 _shim_lock = threading.Lock()
 _shim_applied = False
 
@@ -480,6 +485,10 @@ def apply_cpu_shim() -> None:
 
         _replace_everywhere(random_mod._get_cuda_rng_state, _get_rng_state)
         _replace_everywhere(random_mod._set_cuda_rng_state, _set_rng_state)
+
+        # CudaRNGStatesTracker.fork warns when the CPU RNG state changes inside a fork (e.g. dropout). On CPU
+        # the forked "CUDA" state *is* the CPU generator, so every dropout in a fork would trigger it.
+        logging.getLogger(random_mod.__name__).addFilter(_drop_cpu_rng_fork_warning)
 
         # 3. Functions calling Tensor.cuda() / comparing Tensor.type() with CUDA type names.
         for mod_name, cls_name, attr, _why in _COMPAT_CALLABLES:
@@ -563,9 +572,9 @@ def validate_layout(
         ("vocab_size", vocab_size),
         ("ffn_hidden_size (intermediate_size)", ffn_hidden_size),
     )
-    for what, value in tp_divides:
-        if value is not None and value % tp != 0:
-            raise ValueError(f"learner.tp = {tp} must divide the model's {what} = {value}")
+    for what, size in tp_divides:
+        if size is not None and size % tp != 0:
+            raise ValueError(f"learner.tp = {tp} must divide the model's {what} = {size}")
     if num_layers is not None and num_layers % pp != 0:
         raise ValueError(f"learner.pp = {pp} must divide the model's num_layers = {num_layers}")
     return dp
@@ -609,7 +618,7 @@ def init_distributed(tp: int, pp: int, dp: int | None = None, seed: int = 0) -> 
         world_size = dist.get_world_size()
     else:
         world_size = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
-    dp = validate_layout(tp, pp, dp, world_size)
+    dp_size = validate_layout(tp, pp, dp, world_size)
 
     if not dist.is_initialized():
         _init_process_group()
@@ -632,7 +641,7 @@ def init_distributed(tp: int, pp: int, dp: int | None = None, seed: int = 0) -> 
     return ParallelLayout(
         tp=tp,
         pp=pp,
-        dp=dp,
+        dp=dp_size,
         rank=dist.get_rank(),
         world_size=world_size,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),

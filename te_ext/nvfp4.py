@@ -55,7 +55,7 @@ def tensor_amax(x: torch.Tensor, *, hadamard_seed: int | None = None) -> torch.T
     if hadamard_seed is not None:
         x = hadamard.forward(pad_last_dim(as_rows(x), NVFP4_BLOCK), hadamard_seed)
     if x.numel() == 0:
-        return torch.zeros((), dtype=torch.float32)
+        return torch.zeros((), dtype=torch.float32, device=x.device)
     lo, hi = x.aminmax()
     return torch.maximum(lo.neg(), hi).float()
 
@@ -113,10 +113,10 @@ def quantize(
     check_finite_amax(amax_b, x, _FMT)
     if block_2d:
         amax_b = _tile_amax(amax_b)
-    local_amax = amax_b.max() if amax_b.numel() else torch.zeros((), dtype=torch.float32)
+    local_amax = amax_b.max() if amax_b.numel() else torch.zeros((), device=x.device)
 
     if global_scale is not None:
-        gs = torch.as_tensor(global_scale, dtype=torch.float32).reshape(1).clone()
+        gs = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device).reshape(1).clone()
         if not bool(torch.isfinite(gs).all()) or float(gs) <= 0:
             raise ValueError(f"te_ext.quantize(fmt='nvfp4'): global_scale must be finite and > 0, got {float(gs)}")
         if float(local_amax) * float(gs) / E2M1_MAX > E4M3_MAX * (1 + 2**-4):
@@ -129,7 +129,7 @@ def quantize(
         if global_amax is None:
             amax = local_amax
         else:
-            amax = torch.as_tensor(global_amax, dtype=torch.float32).reshape(())
+            amax = torch.as_tensor(global_amax, dtype=torch.float32, device=x.device).reshape(())
             if not bool(torch.isfinite(amax)):
                 raise ValueError(f"te_ext.quantize(fmt='nvfp4'): global_amax must be finite, got {float(amax)}")
             if float(amax) < float(local_amax):
@@ -147,7 +147,7 @@ def quantize(
         sf = s8.float()
         zero = sf == 0
         if bool(zero.any()):
-            sf = torch.where(zero, torch.tensor(E4M3_ZERO_SCALE_EPS), sf)
+            sf = torch.where(zero, torch.tensor(E4M3_ZERO_SCALE_EPS, device=sf.device), sf)
             s8 = sf.to(torch.float8_e4m3fn)
         per_block = (sf / gs).unsqueeze(-1)  # y = x / per_block
         divide = True

@@ -52,14 +52,14 @@ def _worker(
     try:
         value = fn(rank, world_size, *args)
         payload = ("ok", rank, pickle.dumps(value))
-    except BaseException:  # noqa: BLE001 - everything goes back to the test
+    except BaseException:  # everything goes back to the test
         payload = ("error", rank, traceback.format_exc())
     finally:
         try:
             from qrl_megatron.platform import destroy_distributed
 
             destroy_distributed()
-        except Exception:  # noqa: BLE001 - best effort clean-up
+        except Exception:  # best effort clean-up
             pass
     results.put(payload)
     results.close()
@@ -83,7 +83,7 @@ def run_distributed(
             target=_worker,
             args=(fn, rank, world_size, port, args, child_env, results),
             name=f"dist-worker-{rank}",
-            daemon=True,
+            daemon=False,  # workers may start helper processes (dist checkpointing); reaped in finally
         )
         for rank in range(world_size)
     ]
@@ -96,8 +96,7 @@ def run_distributed(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(
-                    f"distributed run of {fn.__name__} timed out after {timeout:.0f}s "
-                    f"(ranks done: {sorted(outputs)})"
+                    f"distributed run of {fn.__name__} timed out after {timeout:.0f}s (ranks done: {sorted(outputs)})"
                 )
             try:
                 status, rank, payload = results.get(timeout=min(1.0, remaining))

@@ -228,7 +228,9 @@ def test_tp_shard_unshard_round_trip(tiny_model_dir):
     hf = random_hf_state_dict(spec)
     mg = hf_to_megatron(hf, spec)
     f2 = spec.ffn_hidden_size // 2
-    s1 = shard_for_tp("decoder.layers.0.mlp.linear_fc1.weight", mg["decoder.layers.0.mlp.linear_fc1.weight"], 2, 1, spec)
+    s1 = shard_for_tp(
+        "decoder.layers.0.mlp.linear_fc1.weight", mg["decoder.layers.0.mlp.linear_fc1.weight"], 2, 1, spec
+    )
     assert torch.equal(s1[:f2], hf["model.layers.0.mlp.gate_proj.weight"][f2:])
     assert torch.equal(s1[f2:], hf["model.layers.0.mlp.up_proj.weight"][f2:])
     name = "decoder.layers.0.self_attention.linear_qkv.weight"
@@ -316,6 +318,32 @@ def test_megatron_tp1_matches_transformers(megatron_tp1, tiny_model_dir):
     assert ours.shape == ref.shape == (*ids.shape, 64)
     torch.testing.assert_close(ours, ref, atol=LOGITS_ATOL, rtol=LOGITS_RTOL)
     torch.testing.assert_close(megatron_tp1["scheduled"], ours, atol=LOGITS_ATOL, rtol=LOGITS_RTOL)
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shim is a no-op with CUDA")
+def test_cpu_shim_is_narrow(megatron_tp1):
+    import megatron.core.pipeline_parallel.schedules as schedules
+    import megatron.core.utils as mcore_utils
+
+    from qrl_megatron import platform
+
+    platform.apply_cpu_shim()  # idempotent
+    assert platform.is_cpu_shim_applied()
+    assert schedules.torch is not torch and schedules.torch.cuda.current_device() == torch.device("cpu")
+    assert schedules.torch.zeros([], device="cuda").device.type == "cpu"
+    assert schedules.torch.Tensor is torch.Tensor and schedules.torch.distributed is torch.distributed
+    assert mcore_utils.torch.cuda.FloatTensor is torch.cuda.FloatTensor
+    # the real torch is untouched outside the wrapped megatron functions
+    assert torch.zeros(1).type() == "torch.FloatTensor"
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.zeros(1).cuda()
+    with platform._cuda_tensor_compat():
+        assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
+        assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+        t = torch.zeros(1)
+        assert t.cuda() is t
+    assert torch.zeros(1).type() == "torch.FloatTensor" and "type" not in torch.Tensor.__dict__
 
 
 @pytest.mark.unit

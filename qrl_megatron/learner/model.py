@@ -14,7 +14,7 @@ from qrl_megatron.models.hf_mapping import (
     megatron_to_hf,
     pp_layer_offset,
     shard_for_tp,
-    to_te_norm_names,
+    to_te_norm_name,
     tp_split_kind,
     unshard_from_tp,
 )
@@ -103,8 +103,9 @@ def build_gpt_model(
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """Strip wrappers that keep the real model in ``.module`` (megatron DDP, Float16Module)."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
+    inner = getattr(model, "module", None)
+    while isinstance(inner, torch.nn.Module):
+        model, inner = inner, getattr(inner, "module", None)
     return model
 
 
@@ -150,9 +151,7 @@ def load_hf_state_dict(
         # The last stage's copy of the tied embedding (only a parameter when it is not also the first stage).
         wanted["output_layer.weight"] = ("output_layer.weight", full["embedding.word_embeddings.weight"])
     if _uses_te_norm_names(module):
-        renamed = to_te_norm_names({k: v[1] for k, v in wanted.items()})
-        globals_ = to_te_norm_names({k: v[0] for k, v in wanted.items()})
-        wanted = {k: (globals_[k], renamed[k]) for k in renamed}
+        wanted = {to_te_norm_name(local): (to_te_norm_name(g), t) for local, (g, t) in wanted.items()}
 
     params = dict(module.named_parameters())
     # Tensors of other stages (embedding / final norm / output layer) are expected to be absent here.
@@ -238,7 +237,9 @@ def gather_hf_state_dict(
     for src, entries in enumerate(all_meta):
         for name, shape, dtype_name in entries or []:
             if dst is None:
-                buf = local[name] if rank == src else torch.empty(shape, dtype=_dtype_from_str(dtype_name), device=device)
+                buf = (
+                    local[name] if rank == src else torch.empty(shape, dtype=_dtype_from_str(dtype_name), device=device)
+                )
                 dist.broadcast(buf, src=src)
                 result[name] = buf
             elif src == dst:

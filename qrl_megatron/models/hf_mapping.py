@@ -35,7 +35,9 @@ __all__ = [
     "megatron_layer_index",
     "pp_layer_offset",
     "shard_for_tp",
+    "to_local_spec_norm_name",
     "to_local_spec_norm_names",
+    "to_te_norm_name",
     "to_te_norm_names",
     "tp_split_kind",
     "unshard_from_tp",
@@ -58,6 +60,7 @@ _TE_NORMS = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
 }
+_TE_NORMS_INV = {v: k for k, v in _TE_NORMS.items()}
 # Buffers some older checkpoints carry; recomputed by both sides, so dropped.
 _IGNORED_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
@@ -108,23 +111,26 @@ def pp_layer_offset(pp_rank: int, num_layers: int, pp_size: int) -> int:
     return pp_rank * (num_layers // pp_size)
 
 
+def to_te_norm_name(name: str) -> str:
+    """Local-spec name -> Transformer Engine spec name (norm weights live on the fused linear); others unchanged."""
+    i, rest = megatron_layer_index(name)
+    return f"decoder.layers.{i}.{_TE_NORMS[rest]}" if i is not None and rest in _TE_NORMS else name
+
+
+def to_local_spec_norm_name(name: str) -> str:
+    """Inverse of :func:`to_te_norm_name` (no-op on names already in local-spec form)."""
+    i, rest = megatron_layer_index(name)
+    return f"decoder.layers.{i}.{_TE_NORMS_INV[rest]}" if i is not None and rest in _TE_NORMS_INV else name
+
+
 def to_te_norm_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Local-spec names -> Transformer Engine spec names (norm weights live on the fused linear)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in state_dict.items():
-        i, rest = megatron_layer_index(name)
-        out[f"decoder.layers.{i}.{_TE_NORMS[rest]}" if i is not None and rest in _TE_NORMS else name] = t
-    return out
+    """:func:`to_te_norm_name` applied to every key."""
+    return {to_te_norm_name(k): v for k, v in state_dict.items()}
 
 
 def to_local_spec_norm_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`to_te_norm_names` (no-op on names already in local-spec form)."""
-    inverse = {v: k for k, v in _TE_NORMS.items()}
-    out: dict[str, torch.Tensor] = {}
-    for name, t in state_dict.items():
-        i, rest = megatron_layer_index(name)
-        out[f"decoder.layers.{i}.{inverse[rest]}" if i is not None and rest in inverse else name] = t
-    return out
+    """:func:`to_local_spec_norm_name` applied to every key."""
+    return {to_local_spec_norm_name(k): v for k, v in state_dict.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------

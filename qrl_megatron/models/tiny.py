@@ -133,7 +133,7 @@ def _hf_config(cfg: TinyModelConfig):
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position_embeddings,
-        rope_theta=cfg.rope_theta,
+        rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
         rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=cfg.tie_word_embeddings,
         use_sliding_window=False,
@@ -187,14 +187,14 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None, se
         finally:
             torch.set_default_dtype(torch_default)
         _init_weights(model, seed)
-        model = model.to(torch.bfloat16)
+        model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' typed wrapper confuses mypy
         model.save_pretrained(str(tmp))
         config = json.loads((tmp / "config.json").read_text())
         config["torch_dtype"] = "bfloat16"  # older readers look for torch_dtype, transformers 5 writes dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        GenerationConfig(
-            eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID, bos_token_id=None
-        ).save_pretrained(str(tmp))
+        GenerationConfig(eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID, bos_token_id=None).save_pretrained(
+            str(tmp)
+        )
         build_tokenizer(tmp, vocab_size=cfg.vocab_size, model_max_length=cfg.max_position_embeddings)
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
