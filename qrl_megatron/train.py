@@ -45,7 +45,9 @@ def train(cfg: QRLConfig) -> dict[str, float] | None:
     policy_dir = base_dir
     if cfg.warmstart.enabled and cfg.warmstart.steps > 0:
         policy_dir = run_warmstart(cfg, spec, layout, base_dir, load_hf_weights(base_dir), list(task["train"]), tokenizer, seq_length)
-    learner = Learner(spec, layout, cfg.learner, load_hf_weights(policy_dir), lr=cfg.learner.lr, seq_length=seq_length)
+    learner = Learner(
+        spec, layout, cfg.learner, load_hf_weights(policy_dir), cfg.learner.lr, seq_length, cfg.rollout.temperature
+    )
     sync = make_weight_sync(cfg.sync)
     loss_fn = grpo_loss(cfg.algo)
 

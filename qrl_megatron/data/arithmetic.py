@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, Value, load_dataset
 
 from qrl_megatron.config import ConfigError, TaskConfig
 
@@ -61,7 +61,10 @@ def _check_columns(ds: Dataset, source: str) -> Dataset:
     bad = [i for i, row in enumerate(ds) if not row["prompt"] or row["answer"] is None]
     if bad:
         raise ConfigError(f"dataset {source!r}: rows {bad[:5]} have an empty prompt or no answer")
-    return ds.select_columns(list(REQUIRED_COLUMNS)).map(lambda r: {"answer": str(r["answer"])})
+    ds = ds.select_columns(list(REQUIRED_COLUMNS))
+    features = ds.features.copy()
+    features["answer"] = Value("string")  # without it, map() keeps an int/float column's type and str() is undone
+    return ds.map(lambda r: {"answer": str(r["answer"])}, features=features)
 
 
 def _load_file(path: str) -> Dataset:

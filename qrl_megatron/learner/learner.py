@@ -25,11 +25,18 @@ from qrl_megatron.platform import ParallelLayout
 LossFn = Callable[[torch.Tensor, TokenBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def token_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each label and the entropy of the full-vocabulary distribution, from TP-sharded logits."""
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each label and the entropy of the full-vocabulary distribution, from TP-sharded logits.
+
+    `temperature` divides the logits first: the engine samples (and reports logprobs) from the tempered
+    distribution, so the learner's proximal and current policies must be the same tempered distribution or the
+    importance ratios are biased by the temperature alone.
+    """
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    full = gather_from_tensor_model_parallel_region(logits).float()
+    full = gather_from_tensor_model_parallel_region(logits).float() / temperature
     logp = torch.log_softmax(full, dim=-1)
     token_logp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)
@@ -45,11 +52,13 @@ class Learner:
         hf_state_dict: dict[str, torch.Tensor],
         lr: float,
         seq_length: int,
+        temperature: float = 1.0,
     ) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         self.spec, self.layout, self.cfg, self.seq_length = spec, layout, cfg, seq_length
+        self.temperature = temperature
         self.params_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         module = build_gpt_model(spec, layout, params_dtype=self.params_dtype)
         load_hf_state_dict(module, hf_state_dict, spec, layout)
@@ -104,7 +113,7 @@ class Learner:
         """(token logprobs [B, S], entropy [B, S]) of this rank's batch on the last stage; None on other stages."""
 
         def collect(mb: TokenBatch, logits: torch.Tensor, non_loss_data: bool = True) -> Any:
-            return token_logprobs_and_entropy(logits, mb.labels)
+            return token_logprobs_and_entropy(logits, mb.labels, self.temperature)
 
         self.model.eval()
         with torch.no_grad():
@@ -125,7 +134,7 @@ class Learner:
         undo = float(num_microbatches * self.layout.dp)
 
         def loss_func(mb: TokenBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            logp, entropy = token_logprobs_and_entropy(logits, mb.labels)
+            logp, entropy = token_logprobs_and_entropy(logits, mb.labels, self.temperature)
             loss, metrics = loss_fn(logp, mb, total_tokens=total_tokens, total_seqs=total_seqs)  # type: ignore[call-arg]
             metrics = {**metrics, "loss": loss.detach().clone(), "entropy_sum": (entropy.detach() * mb.loss_mask).sum()}
             return loss * undo, metrics
