@@ -301,7 +301,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if path is not None:
             p = Path(path)
             if not p.is_file():
-                raise ConfigError(f"config file {str(p)!r} not found (recipes live in configs/, e.g. configs/tiny_cpu.yaml)")
+                raise ConfigError(
+                    f"config file {str(p)!r} not found (recipes live in configs/, e.g. configs/tiny_cpu.yaml)"
+                )
             loaded = OmegaConf.load(p)
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")

@@ -44,7 +44,9 @@ def train(cfg: QRLConfig) -> dict[str, float] | None:
 
     policy_dir = base_dir
     if cfg.warmstart.enabled and cfg.warmstart.steps > 0:
-        policy_dir = run_warmstart(cfg, spec, layout, base_dir, load_hf_weights(base_dir), list(task["train"]), tokenizer, seq_length)
+        policy_dir = run_warmstart(
+            cfg, spec, layout, base_dir, load_hf_weights(base_dir), list(task["train"]), tokenizer, seq_length
+        )
     learner = Learner(
         spec, layout, cfg.learner, load_hf_weights(policy_dir), cfg.learner.lr, seq_length, cfg.rollout.temperature
     )
@@ -96,7 +98,9 @@ def train(cfg: QRLConfig) -> dict[str, float] | None:
         if is_rank0:
             last = _step_metrics(result.metrics, probe, updates, train_seconds, sync_metrics)  # type: ignore[attr-defined]
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                last["eval_accuracy"] = evaluate(engine, eval_prompts, eval_answers, cfg.rollout.max_new_tokens)["accuracy"]  # type: ignore[arg-type]
+                last["eval_accuracy"] = evaluate(engine, eval_prompts, eval_answers, cfg.rollout.max_new_tokens)[
+                    "accuracy"
+                ]  # type: ignore[arg-type]
             logger.log(step, last)  # type: ignore[union-attr]
         if cfg.trainer.max_time_s and _broadcast(time.perf_counter() - rl_start > cfg.trainer.max_time_s):
             break
@@ -134,7 +138,13 @@ def _mismatch_sums(local: TokenBatch, out: tuple[torch.Tensor, torch.Tensor] | N
     }
 
 
-def _step_metrics(rollout_metrics: dict[str, float], probe: dict[str, float], updates: list[dict[str, float]], train_seconds: float, sync_metrics: dict[str, float]) -> dict[str, float]:
+def _step_metrics(
+    rollout_metrics: dict[str, float],
+    probe: dict[str, float],
+    updates: list[dict[str, float]],
+    train_seconds: float,
+    sync_metrics: dict[str, float],
+) -> dict[str, float]:
     tokens = max(probe.get("tokens", 0.0), 1.0)
     metrics = dict(rollout_metrics)
     metrics.update(

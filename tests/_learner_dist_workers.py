@@ -18,8 +18,14 @@ SEQ_LENGTH = 16
 def rollout_like_batch(vocab_size: int, size: int = 8):
     """A deterministic GRPO batch: random prompts/completions, advantages and behaviour logprobs."""
     g = torch.Generator().manual_seed(1234)
-    prompts = [torch.randint(2, vocab_size, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g).tolist() for _ in range(size)]
-    completions = [torch.randint(1, vocab_size, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist() for _ in range(size)]
+    prompts = [
+        torch.randint(2, vocab_size, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(size)
+    ]
+    completions = [
+        torch.randint(1, vocab_size, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(size)
+    ]
     behaviour = [(-torch.rand(len(c), generator=g) * 3).tolist() for c in completions]
     advantages = torch.randn(size, generator=g)
     return pack_sequences(prompts, completions, SEQ_LENGTH, 0, advantages=advantages, rollout_logprobs=behaviour)
@@ -52,3 +58,18 @@ def update_worker(rank: int, world_size: int, tp: int, pp: int, dp: int, model_d
         "new_logprobs": after[0] if after is not None else None,
         "weights": gathered,
     }
+
+
+def direction_worker(rank: int, world_size: int, model_dir: str) -> dict:
+    """One GRPO step: how the sequence logprobs of positive- and negative-advantage samples move."""
+    layout = init_distributed(1, 1, 1, seed=0)
+    spec = load_spec(model_dir)
+    cfg = LearnerConfig(lr=1e-3, micro_batch_size=8)
+    learner = Learner(spec, layout, cfg, load_hf_weights(model_dir), lr=cfg.lr, seq_length=SEQ_LENGTH)
+    batch = rollout_like_batch(spec.vocab_size)
+    before = learner.logprobs(batch)[0]
+    batch.old_logprobs = before
+    learner.train_step(batch, grpo_loss(AlgoConfig()), batch.num_tokens, len(batch))
+    after = learner.logprobs(batch)[0]
+    change = ((after - before) * batch.loss_mask).sum(-1)
+    return {"change": change, "advantages": batch.advantages}

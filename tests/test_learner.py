@@ -36,3 +36,13 @@ def test_update_is_layout_invariant(name, reference, tiny_model_dir):
     assert weights.keys() == ref_weights.keys()
     for key in ref_weights:
         torch.testing.assert_close(weights[key], ref_weights[key], atol=2e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.dist
+def test_grpo_step_moves_logprobs_in_the_direction_of_the_advantage(tiny_model_dir):
+    from _learner_dist_workers import direction_worker
+
+    result = run_distributed(direction_worker, 1, str(tiny_model_dir), timeout=180)[0]
+    change, advantages = result["change"], result["advantages"]
+    assert (advantages > 0).any() and (advantages < 0).any()
+    assert torch.all(torch.sign(change) == torch.sign(advantages)), (change, advantages)

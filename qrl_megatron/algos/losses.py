@@ -34,7 +34,9 @@ def sft_token_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -logprobs * mask
 
 
-def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, mode: str, total_tokens: float, total_seqs: float) -> torch.Tensor:
+def aggregate(
+    token_loss: torch.Tensor, mask: torch.Tensor, mode: str, total_tokens: float, total_seqs: float
+) -> torch.Tensor:
     """Sum of this micro-batch's share of the global mean.
 
     token_mean: sum(loss) / total completion tokens of the whole update (DAPO's token-level mean);

@@ -26,7 +26,10 @@ class TokenBatch:
 
     def select(self, index: slice | torch.Tensor) -> TokenBatch:
         return TokenBatch(
-            **{f.name: (getattr(self, f.name)[index] if getattr(self, f.name).numel() else getattr(self, f.name)) for f in fields(self)}
+            **{
+                f.name: (getattr(self, f.name)[index] if getattr(self, f.name).numel() else getattr(self, f.name))
+                for f in fields(self)
+            }
         )
 
     def split(self, parts: int) -> list[TokenBatch]:

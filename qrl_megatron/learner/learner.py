@@ -54,7 +54,11 @@ class Learner:
         seq_length: int,
         temperature: float = 1.0,
     ) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         self.spec, self.layout, self.cfg, self.seq_length = spec, layout, cfg, seq_length
@@ -123,7 +127,9 @@ class Learner:
             return None
         return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
 
-    def train_step(self, batch: TokenBatch, loss_fn: LossFn, total_tokens: float, total_seqs: float, lr: float | None = None) -> dict[str, float]:
+    def train_step(
+        self, batch: TokenBatch, loss_fn: LossFn, total_tokens: float, total_seqs: float, lr: float | None = None
+    ) -> dict[str, float]:
         """One optimizer step on this rank's batch; `total_*` are the global counts of the whole update (all DP ranks)."""
         if lr is not None:
             for group in self.optimizer.param_groups:
@@ -175,7 +181,9 @@ class Learner:
             dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
         return dict(zip(names, values.tolist(), strict=True))
 
-    def gather_hf_weights(self, dtype: torch.dtype = torch.bfloat16, dst: int | None = 0) -> dict[str, torch.Tensor] | None:
+    def gather_hf_weights(
+        self, dtype: torch.dtype = torch.bfloat16, dst: int | None = 0
+    ) -> dict[str, torch.Tensor] | None:
         return gather_hf_state_dict(self.model.module, self.spec, self.layout, dst=dst, dtype=dtype)
 
     def save_checkpoint(self, directory: str) -> None:

@@ -108,7 +108,9 @@ def _write_policy(out: Path, base_dir: Path, weights: dict[str, torch.Tensor], i
     for item in base_dir.iterdir():
         if item.is_file() and item.suffix != ".safetensors" and not item.name.startswith(".qrl"):
             shutil.copy2(item, partial / item.name)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()}, str(partial / "model.safetensors"), metadata={"format": "pt"}
+    )
     (partial / MARKER).write_text(json.dumps(info))
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)

@@ -21,7 +21,9 @@ PROGRESS_FIELDS = (
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, progress: bool = True, total_steps: int = 0) -> None:
+    def __init__(
+        self, run_dir: str | Path, tensorboard: bool = True, progress: bool = True, total_steps: int = 0
+    ) -> None:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.jsonl: TextIO = (self.dir / "metrics.jsonl").open("w")

@@ -52,7 +52,9 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def sequence_length(tokenizer: Any, task: Any, max_new_tokens: int, max_positions: int) -> int:
     """Fixed learner sequence length: the longest prompt plus the completion budget, rounded up to 8."""
-    longest_prompt = max(len(tokenizer.encode(p, add_special_tokens=False)) for split in task.values() for p in split["prompt"])
+    longest_prompt = max(
+        len(tokenizer.encode(p, add_special_tokens=False)) for split in task.values() for p in split["prompt"]
+    )
     longest_answer = max(len(tokenizer.encode(a, add_special_tokens=False)) + 1 for a in task["train"]["answer"])
     needed = longest_prompt + max(max_new_tokens, longest_answer)
     length = -(-needed // 8) * 8

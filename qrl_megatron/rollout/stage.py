@@ -43,7 +43,9 @@ def score(completions: list[Completion], answers: list[str]) -> torch.Tensor:
     return torch.tensor([exact_answer_reward(c.text, answers[c.prompt_index], c.finished) for c in completions])
 
 
-def rollout(engine: VLLMEngine, sampler: PromptSampler, cfg: QRLConfig, step: int, seq_length: int, pad_id: int) -> RolloutResult:
+def rollout(
+    engine: VLLMEngine, sampler: PromptSampler, cfg: QRLConfig, step: int, seq_length: int, pad_id: int
+) -> RolloutResult:
     prompts, answers = sampler.take(cfg.rollout.prompts_per_step)
     start = time.perf_counter()
     completions = engine.generate(

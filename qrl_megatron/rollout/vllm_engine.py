@@ -74,7 +74,9 @@ class VLLMEngine:
             )
         self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, step: int) -> list[Completion]:
+    def generate(
+        self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, step: int
+    ) -> list[Completion]:
         """`n` samples per prompt, grouped prompt by prompt; each prompt's sampling is seeded from (seed, step, i)."""
         from vllm import SamplingParams
 
@@ -113,6 +115,17 @@ class VLLMEngine:
 
     def greedy(self, prompts: list[str], max_new_tokens: int) -> list[Completion]:
         return self.generate(prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens, step=0)
+
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Engine log-probability of every token after the first, for each token sequence (a weight probe)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
+        return [
+            [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], seq[1:], strict=True)]
+            for out, seq in zip(outputs, sequences, strict=True)
+        ]
 
     def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
         """In-place reload of HF-named weights, then drop cached prefixes (their KV came from the old weights)."""
