@@ -246,8 +246,8 @@ class QRLConfig:
     def validate(self) -> QRLConfig:
         for f in fields(self):
             value = getattr(self, f.name)
-            if is_dataclass(value):
-                value.validate(f.name)
+            if is_dataclass(value) and not isinstance(value, type):
+                value.validate(f.name)  # type: ignore[attr-defined]
         batch = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
         per_update = self.learner.dp * self.algo.minibatches
         if batch % per_update:

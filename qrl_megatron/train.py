@@ -9,6 +9,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,19 +25,20 @@ from qrl_megatron.metrics.logger import MetricsLogger
 from qrl_megatron.models.base import load_hf_weights, load_tokenizer, prepare_base_model, sequence_length
 from qrl_megatron.models.registry import load_spec
 from qrl_megatron.platform import destroy_distributed, init_distributed
-from qrl_megatron.rollout.stage import PromptSampler, evaluate, rollout
+from qrl_megatron.rollout.stage import RolloutDriver, RolloutResult
+
+T = TypeVar("T")
 
 
-def _broadcast(obj: object) -> object:
+def _broadcast(obj: T | None) -> T:
     payload = [obj]
     dist.broadcast_object_list(payload, src=0)
-    return payload[0]
+    return payload[0]  # type: ignore[return-value]
 
 
-def train(cfg: QRLConfig) -> dict[str, float] | None:
+def train(cfg: QRLConfig) -> dict[str, Any] | None:
     layout = init_distributed(cfg.learner.tp, cfg.learner.pp, cfg.learner.dp, seed=cfg.seed)
     torch.set_num_threads(cfg.learner.threads or max(1, (os.cpu_count() or 1) // layout.world_size))
-    is_rank0 = layout.rank == 0
     base_dir = prepare_base_model(cfg)  # built by the launcher before the ranks start; a cache hit here
     spec, tokenizer = load_spec(base_dir), load_tokenizer(base_dir)
     task = load_task(cfg.task, cfg.seed)
@@ -44,8 +46,9 @@ def train(cfg: QRLConfig) -> dict[str, float] | None:
 
     policy_dir = base_dir
     if cfg.warmstart.enabled and cfg.warmstart.steps > 0:
+        base_weights = load_hf_weights(base_dir)
         policy_dir = run_warmstart(
-            cfg, spec, layout, base_dir, load_hf_weights(base_dir), list(task["train"]), tokenizer, seq_length
+            cfg, spec, layout, base_dir, base_weights, list(task["train"]), tokenizer, seq_length
         )
     learner = Learner(
         spec, layout, cfg.learner, load_hf_weights(policy_dir), cfg.learner.lr, seq_length, cfg.rollout.temperature
@@ -53,76 +56,66 @@ def train(cfg: QRLConfig) -> dict[str, float] | None:
     sync = make_weight_sync(cfg.sync)
     loss_fn = grpo_loss(cfg.algo)
 
-    engine = logger = sampler = None
-    eval_prompts, eval_answers = list(task["eval"]["prompt"]), list(task["eval"]["answer"])
-    evals: dict[str, object] = {}
-    if is_rank0:
+    # rank 0 drives the engine and writes the logs; the other ranks are pure learner
+    driver: RolloutDriver | None = None
+    logger: MetricsLogger | None = None
+    evals: dict[str, Any] = {}
+    if layout.rank == 0:
         from qrl_megatron.rollout.vllm_engine import VLLMEngine
 
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         engine = VLLMEngine(str(policy_dir), cfg.rollout, seed=cfg.seed, max_model_len=seq_length)
-        sampler = PromptSampler(list(task["train"]["prompt"]), list(task["train"]["answer"]), cfg.seed)
+        driver = RolloutDriver(engine, cfg, task, seq_length, tokenizer.pad_token_id)
         logger = MetricsLogger(run_dir, cfg.run.tensorboard, cfg.run.progress, cfg.trainer.max_steps)
-        evals["before"] = evaluate(engine, eval_prompts, eval_answers, cfg.rollout.max_new_tokens)
-        print(f"held-out greedy accuracy before RL: {evals['before']['accuracy']:.3f}", flush=True)  # type: ignore[index]
+        evals["before"] = driver.evaluate()
+        print(f"held-out greedy accuracy before RL: {evals['before']['accuracy']:.3f}", flush=True)
 
-    rl_start = time.perf_counter()
-    last: dict[str, float] = {}
-    step = 0
+    rl_start, step = time.perf_counter(), 0
     for step in range(1, cfg.trainer.max_steps + 1):
-        # rollout -> reward -> advantage (rank 0, on the engine), then every rank takes its DP share
-        result = rollout(engine, sampler, cfg, step, seq_length, tokenizer.pad_token_id) if is_rank0 else None  # type: ignore[arg-type]
-        result = _broadcast(result)
-        batch: TokenBatch = result.batch  # type: ignore[attr-defined]
-        local = batch.split(layout.dp)[layout.dp_rank]
+        # rollout -> reward -> advantage on rank 0's engine; every rank takes its DP share of the batch
+        result: RolloutResult = _broadcast(driver.rollout(step) if driver else None)
+        local = result.batch.split(layout.dp)[layout.dp_rank]
 
-        # learner: proximal (old) logprobs, then the policy updates
+        # learner: proximal (old) logprobs of the full-precision policy, then the policy updates
         train_start = time.perf_counter()
         out = learner.logprobs(local)
         if out is not None:
             local.old_logprobs = out[0]
-        probe = learner.reduce_sums(_mismatch_sums(local, out))
-        updates = []
-        for _ in range(cfg.algo.epochs):
-            for index, minibatch in enumerate(local.split(cfg.algo.minibatches)):
-                global_part = [part.split(cfg.algo.minibatches)[index] for part in batch.split(layout.dp)]
-                tokens = sum(p.num_tokens for p in global_part)
-                updates.append(learner.train_step(minibatch, loss_fn, tokens, sum(len(p) for p in global_part)))
+        mismatch = learner.reduce_sums(_mismatch_sums(local, out))
+        updates = learner.update(local, result.batch, loss_fn, cfg.algo.minibatches, cfg.algo.epochs)
         train_seconds = time.perf_counter() - train_start
 
         # weight sync: learner -> engine, in place
-        sync_metrics = sync(learner, engine, step)
+        sync_metrics = sync(learner, driver.engine if driver else None, step)
 
-        if is_rank0:
-            last = _step_metrics(result.metrics, probe, updates, train_seconds, sync_metrics)  # type: ignore[attr-defined]
+        if driver and logger:
+            metrics = _step_metrics(result.metrics, mismatch, updates, train_seconds, sync_metrics)
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                last["eval_accuracy"] = evaluate(engine, eval_prompts, eval_answers, cfg.rollout.max_new_tokens)[
-                    "accuracy"
-                ]  # type: ignore[arg-type]
-            logger.log(step, last)  # type: ignore[union-attr]
+                metrics["eval_accuracy"] = driver.evaluate()["accuracy"]
+            logger.log(step, metrics)
         if cfg.trainer.max_time_s and _broadcast(time.perf_counter() - rl_start > cfg.trainer.max_time_s):
             break
 
     rl_seconds = time.perf_counter() - rl_start
     if cfg.trainer.checkpoint:
         learner.save_checkpoint(str(Path(cfg.run.dir) / "checkpoint"))
-    if is_rank0:
-        evals["after"] = evaluate(engine, eval_prompts, eval_answers, cfg.rollout.max_new_tokens)  # type: ignore[arg-type]
-        evals.update(rl_seconds=rl_seconds, steps=step if cfg.trainer.max_steps else 0, policy=str(policy_dir))
-        evals["improvement"] = evals["after"]["accuracy"] - evals["before"]["accuracy"]  # type: ignore[index]
+    if driver and logger:
+        evals["after"] = driver.evaluate()
+        evals.update(rl_seconds=rl_seconds, steps=step, policy=str(policy_dir))
+        evals["improvement"] = evals["after"]["accuracy"] - evals["before"]["accuracy"]
         (Path(cfg.run.dir) / "eval.json").write_text(json.dumps(evals, indent=2))
         print(
-            f"held-out greedy accuracy: {evals['before']['accuracy']:.3f} -> {evals['after']['accuracy']:.3f} "  # type: ignore[index]
-            f"({rl_seconds:.0f} s of RL); outputs in {cfg.run.dir}",
+            f"held-out greedy accuracy: {evals['before']['accuracy']:.3f} -> {evals['after']['accuracy']:.3f} "
+            f"({step} steps, {rl_seconds:.0f} s of RL); outputs in {cfg.run.dir}",
             flush=True,
         )
-        logger.close()  # type: ignore[union-attr]
-        engine.close()  # type: ignore[union-attr]
+        logger.close()
+        driver.engine.close()
     dist.barrier()
     destroy_distributed()
-    return evals if is_rank0 else None  # type: ignore[return-value]
+    return evals or None
 
 
 def _mismatch_sums(local: TokenBatch, out: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, torch.Tensor]:

@@ -63,8 +63,9 @@ def assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} != {b.dtype}"
     a, b = bits(a), bits(b)
     if a.is_floating_point():
-        a, b = a.contiguous().view(torch.int32 if a.dtype == torch.float32 else torch.int16), b.contiguous().view(
-            torch.int32 if b.dtype == torch.float32 else torch.int16
+        a, b = (
+            a.contiguous().view(torch.int32 if a.dtype == torch.float32 else torch.int16),
+            b.contiguous().view(torch.int32 if b.dtype == torch.float32 else torch.int16),
         )
     diff = (a != b).sum().item()
     assert diff == 0, f"{what}: {diff} of {a.numel()} elements differ"
@@ -169,7 +170,8 @@ def test_e2m1_rounding_matches_cast_to_fp4_on_every_threshold():
 
 
 # ------------------------------------------------------------------------------------------------ NVFP4
-NVFP4_SHAPES = [(1, 16), (16, 16), (33, 48), (64, 256), (128, 1024), (7, 3, 64)]
+# (2, 40960): rows longer than a te_ext tile, so each row is split into column tiles
+NVFP4_SHAPES = [(1, 16), (16, 16), (33, 48), (64, 256), (128, 1024), (7, 3, 64), (2, 40960)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -186,7 +188,9 @@ def test_nvfp4_matches_compressed_tensors(shape, dtype):
     # dequantized values: compressed-tensors' decompressor (bf16) and vLLM's runtime dequant (every dtype)
     # the decompressor returns bf16 (float32 when K == 16: it then infers a "channel" strategy and skips the cast)
     ct_w = ct_nvfp4_decompress(ref).to(torch.bfloat16)
-    assert_bits_equal(qt.dequantize(torch.bfloat16, reference="compressed_tensors").reshape(ct_w.shape), ct_w, "CT dequant")
+    assert_bits_equal(
+        qt.dequantize(torch.bfloat16, reference="compressed_tensors").reshape(ct_w.shape), ct_w, "CT dequant"
+    )
     for out_dtype in DTYPES:
         vw = vllm_nvfp4_dequant(ref["weight_packed"], ref["weight_scale"], ref["weight_global_scale"], out_dtype)
         assert_bits_equal(qt.dequantize(out_dtype).reshape(vw.shape), vw, f"vLLM dequant {out_dtype}")
@@ -268,7 +272,9 @@ def test_nvfp4_block_scale_rounding_midpoints():
 def test_nvfp4_hard_cases():
     # exact ties and saturation: amax 6*c with c a power of two -> gs = 448/c, s_b = 448, y = x / c exactly
     c = 2.0**-3
-    block = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, -6.0])
+    block = torch.tensor(
+        [6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, -6.0]
+    )
     w = torch.stack([block * c, -block * c, torch.zeros(16), block * c * 2.0**-12]).float()
     ref = ct_nvfp4(w)
     qt = te_ext.quantize(w, "nvfp4")
@@ -420,6 +426,28 @@ def test_nvfp4_stochastic_rounding():
     te_ext.quantize(x, "nvfp4", stochastic_rounding=True, generator=gen)  # explicit generator accepted
 
 
+def test_results_do_not_depend_on_thread_count():
+    w = weight((512, 1024), torch.bfloat16, seed=31)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(
+                [
+                    te_ext.quantize(w, "nvfp4").codes,
+                    te_ext.quantize(w, "nvfp4", stochastic_rounding=True, seed=5).codes,
+                    te_ext.quantize(w, "mxfp4").codes,
+                    bits(te_ext.quantize(w, "fp8", granularity="block").codes),
+                    te_ext.quantize(w, "int8").codes,
+                ]
+            )
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 def test_nvfp4_bits_per_element_and_padding():
     qt = te_ext.quantize(torch.randn(256, 256), "nvfp4")
     # 4-bit codes + one 8-bit E4M3 scale per 16 = 4.5 bits; the single fp32 global scale adds 32/65536 bits
@@ -437,7 +465,7 @@ def test_nvfp4_bits_per_element_and_padding():
 
 # ------------------------------------------------------------------------------------------------ MXFP4
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 32), (33, 64), (64, 512), (3, 5, 96)])
+@pytest.mark.parametrize("shape", [(1, 32), (33, 64), (64, 512), (3, 5, 96), (2, 40960)])
 def test_mxfp4_matches_compressed_tensors(shape, dtype):
     w = weight(shape, dtype, seed=shape[-1] + 1)
     w2 = w.reshape(-1, shape[-1])
@@ -489,7 +517,7 @@ FP8_CASES = [("FP8", "tensor"), ("FP8_DYNAMIC", "channel"), ("FP8_BLOCK", "block
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (17, 33), (256, 384), (300, 200)])
+@pytest.mark.parametrize("shape", [(1, 1), (17, 33), (256, 384), (300, 200), (130, 33000)])
 @pytest.mark.parametrize("preset,granularity", FP8_CASES)
 def test_fp8_matches_compressed_tensors(preset, granularity, shape, dtype):
     w = weight(shape, dtype, seed=shape[0] * 7 + shape[1])
@@ -509,7 +537,9 @@ def test_fp8_matches_compressed_tensors(preset, granularity, shape, dtype):
 def test_fp8_hard_cases():
     # saturation at +-448 exactly, an all-zero row, E4M3 subnormal codes, exact RNE ties of the E4M3 grid
     w = torch.zeros(4, 16)
-    w[0] = torch.tensor([448.0, -448.0, 447.0, 440.0, 1.0, -1.0, 2**-9, 2**-10, 3 * 2**-10, 13.0, 12.5, 11.5] + [0.0] * 4)
+    w[0] = torch.tensor(
+        [448.0, -448.0, 447.0, 440.0, 1.0, -1.0, 2**-9, 2**-10, 3 * 2**-10, 13.0, 12.5, 11.5] + [0.0] * 4
+    )
     w[2] = torch.linspace(-3, 3, 16)
     w[3, 0] = 1e-30
     for preset, gran in FP8_CASES[:2]:
@@ -573,7 +603,7 @@ def test_fp8_block_naming_and_layouts():
 
 # ------------------------------------------------------------------------------------------------ INT8
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 8), (64, 100), (129, 257)])
+@pytest.mark.parametrize("shape", [(1, 8), (64, 100), (129, 257), (3, 40000)])
 def test_int8_matches_compressed_tensors(shape, dtype):
     w = weight(shape, dtype, seed=shape[1])
     scheme = _scheme("INT8")
@@ -585,7 +615,9 @@ def test_int8_matches_compressed_tensors(shape, dtype):
     # default (DESIGN / vLLM): scale amax/127; compressed-tensors quantize/dequantize with that scale agree
     qd = te_ext.quantize(w, "int8")
     amax = w.float().abs().amax(dim=-1, keepdim=True)
-    assert_bits_equal(qd.scales["weight_scale"], torch.where(amax == 0, torch.finfo(torch.float32).eps, amax / 127.0), "scale")
+    assert_bits_equal(
+        qd.scales["weight_scale"], torch.where(amax == 0, torch.finfo(torch.float32).eps, amax / 127.0), "scale"
+    )
     ref_q = ct_quantize(w, qd.scales["weight_scale"], None, scheme.weights, dtype=torch.int8)
     assert_bits_equal(qd.codes, ref_q, "codes via CT quantize")
     assert int(qd.codes.abs().max()) <= 127
@@ -615,7 +647,9 @@ def test_int8_per_token_activations():
     # compressed-tensors' TOKEN quantize with the same scale divides instead of multiplying by 127/amax: the
     # codes agree except within a float32 ulp of a .5 tie
     scheme = _scheme("INT8")
-    ref = ct_quantize(x.reshape(-1, 96), qa.scales["input_scale"].reshape(-1, 1), None, scheme.input_activations, dtype=torch.int8)
+    ref = ct_quantize(
+        x.reshape(-1, 96), qa.scales["input_scale"].reshape(-1, 1), None, scheme.input_activations, dtype=torch.int8
+    )
     agree = (ref == qa.codes.reshape(-1, 96)).float().mean().item()
     assert agree > 0.999
     deq = qa.dequantize(torch.float32)
@@ -678,7 +712,9 @@ def test_check_capability_matrix():
     }  # fmt: skip
     for name, sm in ok:
         recipes.check_capability(name, sm, True)
-    with pytest.raises(recipes.CapabilityError, match="needs a CUDA GPU and a CUDA build.*learner.precision=fp8_emulated"):
+    with pytest.raises(
+        recipes.CapabilityError, match="needs a CUDA GPU and a CUDA build.*learner.precision=fp8_emulated"
+    ):
         recipes.check_capability("current", (9, 0), False)
     with pytest.raises(recipes.CapabilityError, match="no CUDA device"):
         recipes.check_capability("current", None, True)

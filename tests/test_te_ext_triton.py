@@ -25,7 +25,7 @@ pytestmark = pytest.mark.unit
 
 pytest.importorskip("triton")
 
-SCRIPT = r'''
+SCRIPT = r"""
 import os, sys, json, inspect, importlib.util, tempfile
 os.environ["TRITON_INTERPRET"] = "1"
 import numpy as np
@@ -134,16 +134,14 @@ out = tk.nvfp4_w4a16_matmul(a, wq.codes, wq.scales["weight_scale"], wq.scales["w
 ref = (a.float() @ wq.dequantize(torch.float32).T).to(torch.bfloat16)
 res["tk_w4a16_matmul"] = bool(torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2))
 print("RESULTS " + json.dumps(res))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def results():
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, cwd=root, env=env
-    )
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, cwd=root, env=env)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert out.returncode == 0 and lines, f"interpreter run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return json.loads(lines[-1][len("RESULTS ") :])

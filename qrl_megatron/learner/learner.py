@@ -22,7 +22,7 @@ from qrl_megatron.platform import ParallelLayout
 
 # loss_fn(logprobs, batch, scale) -> (scaled loss, {metric: summed value}); scale turns a per-micro-batch sum into
 # its share of the global mean (see Learner._scale).
-LossFn = Callable[[torch.Tensor, TokenBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def token_logprobs_and_entropy(
@@ -153,6 +153,22 @@ class Learner:
         summed["grad_norm"] = float(grad_norm) if grad_norm is not None else math.nan
         summed["update_skipped"] = float(not update_ok)
         return summed
+
+    def update(
+        self, local: TokenBatch, batch: TokenBatch, loss_fn: LossFn, minibatches: int, epochs: int
+    ) -> list[dict[str, float]]:
+        """`epochs` passes of `minibatches` optimizer steps over this rank's share `local` of the global `batch`.
+
+        Each step's loss is normalised by the token/sequence counts of its whole minibatch across DP ranks.
+        """
+        global_parts = [part.split(minibatches) for part in batch.split(self.layout.dp)]
+        updates = []
+        for _ in range(epochs):
+            for index, minibatch in enumerate(local.split(minibatches)):
+                tokens = sum(parts[index].num_tokens for parts in global_parts)
+                sequences = sum(len(parts[index]) for parts in global_parts)
+                updates.append(self.train_step(minibatch, loss_fn, tokens, sequences))
+        return updates
 
     def reduce_sums(self, outputs: list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]) -> dict[str, float]:
         """Sum per-micro-batch metrics over micro-batches and DP ranks; every rank gets the result.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,6 +22,21 @@ class RolloutResult:
     metrics: dict[str, float]
 
 
+class RolloutDriver:
+    """Rank 0's side of the data path: the engine, the prompt stream and the held-out set."""
+
+    def __init__(self, engine: VLLMEngine, cfg: QRLConfig, task: Any, seq_length: int, pad_id: int) -> None:
+        self.engine, self.cfg, self.seq_length, self.pad_id = engine, cfg, seq_length, pad_id
+        self.sampler = PromptSampler(list(task["train"]["prompt"]), list(task["train"]["answer"]), cfg.seed)
+        self.eval_prompts, self.eval_answers = list(task["eval"]["prompt"]), list(task["eval"]["answer"])
+
+    def rollout(self, step: int) -> RolloutResult:
+        return rollout(self.engine, self.sampler, self.cfg, step, self.seq_length, self.pad_id)
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.engine, self.eval_prompts, self.eval_answers, self.cfg.rollout.max_new_tokens)
+
+
 class PromptSampler:
     """Draws prompts without replacement, epoch by epoch, in a seeded order."""
 
@@ -30,7 +46,7 @@ class PromptSampler:
         self.order: list[int] = []
 
     def take(self, count: int) -> tuple[list[str], list[str]]:
-        picked = []
+        picked: list[int] = []
         while len(picked) < count:
             if not self.order:
                 self.order = list(range(len(self.prompts)))

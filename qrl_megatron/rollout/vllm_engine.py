@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -96,15 +97,14 @@ class VLLMEngine:
         for i, out in enumerate(outputs):
             for sample in out.outputs:
                 token_ids = list(sample.token_ids)
-                logprobs = (
-                    [entry[tok].logprob for tok, entry in zip(token_ids, sample.logprobs, strict=True)]
-                    if sample.logprobs is not None
-                    else [0.0] * len(token_ids)
-                )
+                # logprobs=0 asks for the sampled token only; greedy evaluation asks for none
+                logprobs = [0.0] * len(token_ids)
+                if sample.logprobs is not None:
+                    logprobs = [entry[tok].logprob for tok, entry in zip(token_ids, sample.logprobs, strict=True)]  # type: ignore[index]
                 completions.append(
                     Completion(
                         prompt_index=i,
-                        prompt_token_ids=list(out.prompt_token_ids),
+                        prompt_token_ids=list(out.prompt_token_ids or []),
                         token_ids=token_ids,
                         rollout_logprobs=logprobs,
                         text=sample.text,
@@ -121,9 +121,10 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outputs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
+        prompts: list[Any] = [{"prompt_token_ids": s} for s in sequences]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [
-            [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], seq[1:], strict=True)]
+            [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], seq[1:], strict=True)]  # type: ignore[index]
             for out, seq in zip(outputs, sequences, strict=True)
         ]
 
