@@ -28,5 +28,18 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -c "$CONSTRAI
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import torch, vllm, megatron.core, transformers, datasets, omegaconf, qrl_megatron, te_ext; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
   || { echo "[setup] FAILED: the stack does not import; see the messages above" >&2; exit 1; }
+# Optional: nemo-run for launch/local.py and launch/slurm.py (QRL_INSTALL_LAUNCH=1). nemo-run 0.11.1 needs
+# leptonai==0.27.3 to import; leptonai pins older anyio/httpx/starlette/prometheus-fastapi-instrumentator/cloudpickle
+# (and torchx an older urllib3) than vLLM wants, so vLLM's versions are put back afterwards (nemo-run still imports).
+if [[ "${QRL_INSTALL_LAUNCH:-0}" == "1" ]]; then
+  KEEP=$("$VENV/bin/python" -m pip freeze --disable-pip-version-check 2>/dev/null \
+    | grep -iE '^(anyio|cloudpickle|httpcore2|httpx|httpx2|prometheus-fastapi-instrumentator|starlette|urllib3)==' || true)
+  "${PIP[@]}" -q "nemo-run==0.11.1" "leptonai==0.27.3"
+  # shellcheck disable=SC2086
+  [[ -z "$KEEP" ]] || "${PIP[@]}" -q $KEEP 2>/dev/null \
+    || echo "[setup] warning: could not put back vLLM's versions of: ${KEEP//$'\n'/ }" >&2
+  "$VENV/bin/python" -c "import nemo_run, torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
+    || { echo "[setup] FAILED: nemo-run broke the stack or does not import; see the messages above" >&2; exit 1; }
+fi
 touch "$STAMP"
 echo "[setup] done" >&2

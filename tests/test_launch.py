@@ -469,3 +469,16 @@ def test_slurm_experiment_options(nemorun_home: Path, tmp_path: Path) -> None:
     assert executor.srun_args == [f"--container-workdir={tmp_path}"] and not executor.setup_lines
     with pytest.raises(ValueError, match="/nemo_run"):  # nemo-run rewrites that string in the script
         build_slurm_experiment(CONFIG, [], nodes=1, gpus_per_node=1, job_dir=tmp_path / "nemo_run")
+
+
+def test_vllm_serve_accepts_the_arguments() -> None:
+    """The installed vLLM's own `serve` parser takes what the rollout script passes."""
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    model, *rest = job_info.vllm_serve_args(load_checked_config(CONFIG, ["seed=5"]), "/models/m")
+    tail = ["--host", "0.0.0.0", "--port", "8000", "--tensor-parallel-size", "2"]
+    ns = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", model, *rest, *tail])
+    assert ns.model == "/models/m" and ns.seed == 5 and ns.logprobs_mode == "processed_logprobs"
+    assert ns.worker_extension_cls == job_info.WORKER_EXTENSION and ns.tensor_parallel_size == 2
