@@ -263,6 +263,12 @@ class QRLConfig:
             )
         if self.warmstart.batch_size % self.learner.dp:
             raise ConfigError(f"warmstart.batch_size must be divisible by learner.dp={self.learner.dp}")
+        warm_per_rank = self.warmstart.batch_size // self.learner.dp
+        if warm_per_rank % self.learner.micro_batch_size and self.learner.micro_batch_size < warm_per_rank:
+            raise ConfigError(
+                f"learner.micro_batch_size={self.learner.micro_batch_size} must divide the {warm_per_rank} warm-start "
+                "sequences each DP rank gets (warmstart.batch_size / learner.dp)"
+            )
         return self
 
 

@@ -261,3 +261,11 @@ def test_token_batch_select_with_index_and_old_logprobs() -> None:
     assert torch.equal(picked.tokens, torch.tensor([[4, 13, 23, 0], [1, 10, 20, 0]]))
     assert torch.equal(picked.old_logprobs, torch.tensor([[12.0, 13.0, 14.0, 15.0], [0.0, 1.0, 2.0, 3.0]]))
     assert torch.equal(picked.loss_mask, batch.loss_mask[[3, 0]])
+
+
+def test_split_refuses_uneven_parts() -> None:
+    from qrl_megatron.learner.batch import pack_sequences
+
+    batch = pack_sequences([[2, 3]] * 3, [[4]] * 3, 8, 0)
+    with pytest.raises(ValueError, match="3 sequences"):
+        batch.split(2)

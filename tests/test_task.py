@@ -204,3 +204,12 @@ def test_extract_answer() -> None:
     assert extract_answer("12 13") is None
     assert extract_answer("1.5") is None
     assert extract_answer("") is None
+
+
+def test_non_integer_reference_answers_compare_as_text() -> None:
+    from qrl_megatron.rewards.arithmetic import exact_answer_reward
+
+    assert exact_answer_reward(" 3.5", "3.5") == 1.0
+    assert exact_answer_reward("3", "3.5") == 0.0
+    assert exact_answer_reward("blue", "blue ") == 1.0
+    assert exact_answer_reward("blue", "blue", finished=False) == 0.0

@@ -15,7 +15,9 @@ compressed-tensors' ``cast_to_fp4`` is wrapped in ``torch.compile``; the tests r
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import subprocess
 import sys
 import types
@@ -28,23 +30,28 @@ from te_ext import emulation, recipes
 
 pytestmark = pytest.mark.unit
 
-ct_q = pytest.importorskip("compressed_tensors.quantization")
-from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor  # noqa: E402
-from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor  # noqa: E402
-from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor  # noqa: E402
-from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8  # noqa: E402
-from compressed_tensors.quantization import QuantizationArgs  # noqa: E402
-from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize  # noqa: E402
-from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize  # noqa: E402
-from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA  # noqa: E402
-from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme  # noqa: E402
-from compressed_tensors.quantization.utils import (  # noqa: E402
-    calculate_qparams,
-    compute_dynamic_scales_and_zp,
-    generate_gparam,
-    maybe_pad_tensor_for_block_quant,
-)
-from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix  # noqa: E402
+HAVE_CT = importlib.util.find_spec("compressed_tensors") is not None
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+needs_ct = pytest.mark.skipif(not HAVE_CT, reason="the compressed-tensors reference (installed with vLLM) is missing")
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM (whose quantizers are the reference) is missing")
+
+if HAVE_CT:
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
+    from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+    from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+    from compressed_tensors.quantization.utils import (
+        calculate_qparams,
+        compute_dynamic_scales_and_zp,
+        generate_gparam,
+        maybe_pad_tensor_for_block_quant,
+    )
+    from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -150,6 +157,7 @@ def ct_naive(w: torch.Tensor, preset: str):
 
 
 # ------------------------------------------------------------------------------------------------ E2M1 rounding
+@needs_ct
 def test_e2m1_rounding_matches_cast_to_fp4_on_every_threshold():
     ties = torch.tensor([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
     offs = torch.arange(-4, 5, dtype=torch.int32)
@@ -174,6 +182,8 @@ def test_e2m1_rounding_matches_cast_to_fp4_on_every_threshold():
 NVFP4_SHAPES = [(1, 16), (16, 16), (33, 48), (64, 256), (128, 1024), (7, 3, 64), (2, 40960)]
 
 
+@needs_ct
+@needs_vllm
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", NVFP4_SHAPES)
 def test_nvfp4_matches_compressed_tensors(shape, dtype):
@@ -197,6 +207,8 @@ def test_nvfp4_matches_compressed_tensors(shape, dtype):
     assert qt.dequantize(torch.float32).shape == w.shape
 
 
+@needs_ct
+@needs_vllm
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nvfp4_vllm_arith_matches_ref_nvfp4_quant(dtype):
     w = weight((96, 512), dtype, seed=3)
@@ -227,6 +239,8 @@ def _near_tie_tensor(seed=1, m=2048, g=8):
     return w.reshape(m, g * 16)
 
 
+@needs_ct
+@needs_vllm
 def test_nvfp4_near_ties_each_arith_matches_its_reference():
     w = _near_tie_tensor()
     ref_ct = ct_nvfp4(w)
@@ -240,6 +254,8 @@ def test_nvfp4_near_ties_each_arith_matches_its_reference():
     assert_bits_equal(q_v.scales["weight_scale"], ref_vs, "arith=vllm scales")
 
 
+@needs_ct
+@needs_vllm
 def test_nvfp4_block_scale_rounding_midpoints():
     """Block amaxes whose E4M3 scale lands within a float32 ulp of a rounding midpoint: amax/6 (true division,
     compressed-tensors on CPU) and amax*(1/6) (vLLM) pick different E4M3 scales; each arith matches its reference."""
@@ -269,6 +285,7 @@ def test_nvfp4_block_scale_rounding_midpoints():
     assert not torch.equal(bits(q_ct.scales["weight_scale"]), bits(q_v.scales["weight_scale"]))
 
 
+@needs_ct
 def test_nvfp4_hard_cases():
     # exact ties and saturation: amax 6*c with c a power of two -> gs = 448/c, s_b = 448, y = x / c exactly
     c = 2.0**-3
@@ -310,12 +327,14 @@ def test_nvfp4_hard_cases():
     assert torch.equal(qt.dequantize(torch.float32), torch.zeros(4, 32))
 
 
+@needs_ct
 def test_nvfp4_negative_zero_and_small_negatives_match_reference():
     w = torch.tensor([[-0.0, 0.0, -1e-9, 1e-9, -0.01, 0.01, 5.0, -5.0] * 2], dtype=torch.float32)
     ref = ct_nvfp4(w)
     assert_bits_equal(te_ext.quantize(w, "nvfp4").codes, ref["weight_packed"], "signed zero codes")
 
 
+@needs_ct
 def test_nvfp4_matches_compiled_reference():
     """Same check through the torch.compile'd cast_to_fp4 that compressed-tensors ships (one shape)."""
     w = weight((32, 128), torch.bfloat16, seed=11)
@@ -331,6 +350,7 @@ def test_nvfp4_matches_compiled_reference():
     assert_bits_equal(qt.codes, out["weight_packed"], "codes (compiled reference)")
 
 
+@needs_ct
 def test_nvfp4_shared_global_scale_for_fused_and_sharded_weights():
     q, k, v = (weight((64, 128), torch.bfloat16, seed=s) for s in (21, 22, 23))
     amax = te_ext.global_amax(q, k, v)
@@ -355,6 +375,7 @@ def test_nvfp4_shared_global_scale_for_fused_and_sharded_weights():
         te_ext.quantize(q, "nvfp4", global_amax=amax / 2)
 
 
+@needs_ct
 def test_nvfp4_2d_blocks_match_compressed_tensors_block_strategy():
     w = weight((40, 96), torch.bfloat16, seed=7)
     args = QuantizationArgs(
@@ -378,6 +399,7 @@ def test_nvfp4_2d_blocks_match_compressed_tensors_block_strategy():
     assert torch.equal(qt.scales["weight_global_scale"], gs)
 
 
+@needs_ct
 def test_nvfp4_hadamard_transform():
     from te_ext import hadamard
 
@@ -464,6 +486,7 @@ def test_nvfp4_bits_per_element_and_padding():
 
 
 # ------------------------------------------------------------------------------------------------ MXFP4
+@needs_ct
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 32), (33, 64), (64, 512), (3, 5, 96), (2, 40960)])
 def test_mxfp4_matches_compressed_tensors(shape, dtype):
@@ -477,6 +500,7 @@ def test_mxfp4_matches_compressed_tensors(shape, dtype):
     assert_bits_equal(qt.dequantize(torch.bfloat16).reshape(dec.shape), dec, "dequant")
 
 
+@needs_ct
 def test_mxfp4_scale_rounding_edges():
     # block amaxes with mantissa just below / at / above 1.5 and 1.75 in several binades, a zero block,
     # and values that saturate at 6 * 2^e
@@ -516,6 +540,7 @@ def test_mxfp4_bits_and_errors():
 FP8_CASES = [("FP8", "tensor"), ("FP8_DYNAMIC", "channel"), ("FP8_BLOCK", "block")]
 
 
+@needs_ct
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (17, 33), (256, 384), (300, 200), (130, 33000)])
 @pytest.mark.parametrize("preset,granularity", FP8_CASES)
@@ -534,6 +559,7 @@ def test_fp8_matches_compressed_tensors(preset, granularity, shape, dtype):
         assert qt.scales["weight_scale"].shape == (shape[0], 1)
 
 
+@needs_ct
 def test_fp8_hard_cases():
     # saturation at +-448 exactly, an all-zero row, E4M3 subnormal codes, exact RNE ties of the E4M3 grid
     w = torch.zeros(4, 16)
@@ -558,6 +584,7 @@ def test_fp8_hard_cases():
     assert qt.scales["weight_scale"][1].item() == torch.finfo(torch.float32).eps  # all-zero row
 
 
+@needs_vllm
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_vllm_arith_matches_vllm_quantizers(dtype):
     from vllm.config import VllmConfig, set_current_vllm_config
@@ -602,6 +629,7 @@ def test_fp8_block_naming_and_layouts():
 
 
 # ------------------------------------------------------------------------------------------------ INT8
+@needs_ct
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 8), (64, 100), (129, 257), (3, 40000)])
 def test_int8_matches_compressed_tensors(shape, dtype):
@@ -623,6 +651,13 @@ def test_int8_matches_compressed_tensors(shape, dtype):
     assert int(qd.codes.abs().max()) <= 127
     dec = ct_dequantize(qd.codes, qd.scales["weight_scale"], args=scheme.weights).to(dtype)
     assert_bits_equal(qd.dequantize(dtype), dec, "dequant")
+    # per-tensor int8 (compressed-tensors "tensor" strategy)
+    targs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="tensor")
+    lo, hi = torch.aminmax(w.float())
+    t_scale, t_zp = calculate_qparams(lo, hi, targs)
+    qt = te_ext.quantize(w, "int8", granularity="tensor", arith="compressed_tensors")
+    assert_bits_equal(qt.scales["weight_scale"], t_scale, "per-tensor scale")
+    assert_bits_equal(qt.codes, ct_quantize(w, t_scale, t_zp, targs, dtype=torch.int8), "per-tensor codes")
 
 
 def test_int8_hard_cases():
@@ -635,6 +670,7 @@ def test_int8_hard_cases():
     assert ct.codes[0, :2].tolist() == [127, -128]
 
 
+@needs_ct
 def test_int8_per_token_activations():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 7, 96, generator=g).to(torch.bfloat16)
@@ -699,7 +735,9 @@ def test_import_is_lazy_and_cpu_only():
         "bad = [m for m in ('triton', 'transformer_engine', 'vllm', 'te_ext.triton_kernels') if m in sys.modules]; "
         "assert not bad, bad; te_ext.recipes; assert 'transformer_engine' not in sys.modules; print('ok')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 

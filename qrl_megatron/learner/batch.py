@@ -33,6 +33,8 @@ class TokenBatch:
         )
 
     def split(self, parts: int) -> list[TokenBatch]:
+        if len(self) % parts:
+            raise ValueError(f"a batch of {len(self)} sequences does not split into {parts} equal parts")
         size = len(self) // parts
         return [self.select(slice(i * size, (i + 1) * size)) for i in range(parts)]
 

@@ -93,8 +93,8 @@ class Learner:
     def _run_schedule(self, batch: TokenBatch, loss_func: Callable[..., Any], forward_only: bool) -> list[Any]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        micro = min(self.cfg.micro_batch_size, len(batch))
-        microbatches = batch.split(max(1, len(batch) // micro))
+        microbatches = batch.split(self.num_microbatches(len(batch)))
+        micro = len(microbatches[0])
         positions = torch.arange(self.seq_length).unsqueeze(0).expand(micro, -1)
 
         def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Callable[..., Any]]:
@@ -112,6 +112,16 @@ class Learner:
             forward_only=forward_only,
             collect_non_loss_data=forward_only,
         )
+
+    def num_microbatches(self, sequences: int) -> int:
+        """Micro-batches of at most learner.micro_batch_size sequences (equal sizes: static pipeline shapes)."""
+        count = max(1, -(-sequences // self.cfg.micro_batch_size))
+        if sequences % count:
+            raise ValueError(
+                f"{sequences} sequences on this rank do not split into {count} equal micro-batches of at most "
+                f"learner.micro_batch_size={self.cfg.micro_batch_size}; pick a micro-batch size that divides it"
+            )
+        return count
 
     def logprobs(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(token logprobs [B, S], entropy [B, S]) of this rank's batch on the last stage; None on other stages."""
@@ -134,7 +144,7 @@ class Learner:
         if lr is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-        num_microbatches = max(1, len(batch) // min(self.cfg.micro_batch_size, len(batch)))
+        num_microbatches = self.num_microbatches(len(batch))
         # The schedule divides each micro-batch loss by num_microbatches and Megatron DDP averages gradients over
         # DP; loss_fn returns its share of the *global* mean, so undo both to keep the exact global normaliser.
         undo = float(num_microbatches * self.layout.dp)

@@ -14,6 +14,15 @@ def extract_answer(completion: str) -> str | None:
 
 
 def exact_answer_reward(completion: str, answer: str, finished: bool = True) -> float:
-    """1.0 for a finished completion that is exactly the answer; 0.0 otherwise (a truncated one never scores)."""
+    """1.0 for a finished completion that is exactly the answer; 0.0 otherwise (a truncated one never scores).
+
+    Integer answers compare as numbers ("05" == "5"); any other answer (from a user's dataset) compares as
+    stripped text, so a non-numeric reference never crashes the verifier.
+    """
+    if not finished:
+        return 0.0
+    reference = str(answer).strip()
     predicted = extract_answer(completion)
-    return float(finished and predicted is not None and int(predicted) == int(answer))
+    if predicted is not None and _INTEGER.fullmatch(reference):
+        return float(int(predicted) == int(reference))
+    return float(completion.strip() == reference)
