@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from pathlib import Path
 
 from qrl_megatron.config import ConfigError, QRLConfig, describe, load_config, to_yaml
 
@@ -34,6 +36,20 @@ def _split_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         return None, [args.config, *args.overrides]
     return args.config, list(args.overrides)
+
+
+def _prepare_run_dir(cfg: QRLConfig) -> None:
+    """Never mix two runs' metrics in one folder and never delete one: archive the old run or refuse."""
+    run_dir = Path(cfg.run.dir)
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if cfg.run.on_existing == "error":
+        raise ConfigError(
+            f"run.dir={cfg.run.dir!r} already holds a run; choose another run.dir or set run.on_existing=archive"
+        )
+    archived = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(archived)
+    print(f"qrl-train: moved the earlier run in {run_dir} to {archived}", file=sys.stderr)
 
 
 def _launch_workers(cfg: QRLConfig, argv: list[str]) -> int:
@@ -78,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     from qrl_megatron.models.base import prepare_base_model
 
     in_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if os.environ.get("RANK", "0") == "0":
+        try:
+            _prepare_run_dir(cfg)
+        except ConfigError as err:
+            print(f"qrl-train: config error: {err}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     if cfg.learner.world_size > 1 and not in_launcher:
         prepare_base_model(cfg)  # once, before the ranks start, so they never race to build it
         return _launch_workers(cfg, argv)

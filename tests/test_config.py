@@ -259,3 +259,27 @@ def test_cli_subprocess_bad_key_is_one_line_exit_2() -> None:
     assert proc.stderr.endswith("\n") and proc.stderr.count("\n") == 1, proc.stderr
     assert "learner.tpp" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_docs_config_reference_is_current() -> None:
+    from pathlib import Path
+
+    from qrl_megatron.config import reference_markdown
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert path.read_text() == reference_markdown(), "regenerate: python -m qrl_megatron.config > docs/config.md"
+
+
+def test_existing_run_dir_is_archived_or_refused(tmp_path, capsys) -> None:
+    from qrl_megatron.cli import _prepare_run_dir
+    from qrl_megatron.config import ConfigError, load_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="run.on_existing"):
+        _prepare_run_dir(load_config(None, [f"run.dir={run_dir}", "run.on_existing=error"]))
+    _prepare_run_dir(load_config(None, [f"run.dir={run_dir}"]))
+    archived = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
+    assert not run_dir.exists() and len(archived) == 1
+    assert (archived[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'

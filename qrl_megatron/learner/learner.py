@@ -25,6 +25,18 @@ from qrl_megatron.platform import ParallelLayout
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
+def warmup_lr(peak: float, step: int, warmup_steps: int) -> float:
+    """Linear warm-up to `peak` over `warmup_steps` optimizer steps (1-based), then constant.
+
+    Adam's first updates move every parameter by about the learning rate whatever the gradient's size (the
+    second-moment estimate is still tiny); with noisy policy gradients that is a random jump, measured on the tiny
+    model as a reward drop from 0.59 to 0.42 after one step at 1e-4. Warming up lets the estimates settle first.
+    """
+    if warmup_steps <= 0:
+        return peak
+    return peak * min(1.0, step / warmup_steps)
+
+
 def token_logprobs_and_entropy(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +177,13 @@ class Learner:
         return summed
 
     def update(
-        self, local: TokenBatch, batch: TokenBatch, loss_fn: LossFn, minibatches: int, epochs: int
+        self,
+        local: TokenBatch,
+        batch: TokenBatch,
+        loss_fn: LossFn,
+        minibatches: int,
+        epochs: int,
+        lr: float | None = None,
     ) -> list[dict[str, float]]:
         """`epochs` passes of `minibatches` optimizer steps over this rank's share `local` of the global `batch`.
 
@@ -177,7 +195,7 @@ class Learner:
             for index, minibatch in enumerate(local.split(minibatches)):
                 tokens = sum(parts[index].num_tokens for parts in global_parts)
                 sequences = sum(len(parts[index]) for parts in global_parts)
-                updates.append(self.train_step(minibatch, loss_fn, tokens, sequences))
+                updates.append(self.train_step(minibatch, loss_fn, tokens, sequences, lr=lr))
         return updates
 
     def reduce_sums(self, outputs: list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]) -> dict[str, float]:
