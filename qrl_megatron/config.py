@@ -144,6 +144,10 @@ class LearnerConfig:
     precision: str = doc("fp32", "learner parameter/compute precision: fp32 or bf16")
     lr: float = doc(1e-4, "RL learning rate (AdamW), reached after learner.lr_warmup_steps")
     lr_warmup_steps: int = doc(10, "linear warm-up of the RL learning rate (Adam's first steps are sign-like)")
+    lr_schedule: str = doc(
+        "cosine", "after warm-up: constant, or cosine decay to lr * lr_min_ratio at trainer.max_steps"
+    )
+    lr_min_ratio: float = doc(0.1, "final learning rate of the cosine schedule, as a fraction of learner.lr")
     weight_decay: float = doc(0.0, "AdamW weight decay")
     adam_beta2: float = doc(0.99, "AdamW beta2")
     grad_clip: float = doc(1.0, "global gradient-norm clip (0 = off)")
@@ -157,6 +161,8 @@ class LearnerConfig:
         check_choice(f"{prefix}.precision", self.precision, ("fp32", "bf16"))
         check_positive(f"{prefix}.lr", self.lr)
         check_positive(f"{prefix}.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
+        check_choice(f"{prefix}.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        check_range(f"{prefix}.lr_min_ratio", self.lr_min_ratio, 0.0, 1.0)
         check_positive(f"{prefix}.weight_decay", self.weight_decay, allow_zero=True)
         check_range(f"{prefix}.adam_beta2", self.adam_beta2, 0.0, 0.99999)
         check_positive(f"{prefix}.grad_clip", self.grad_clip, allow_zero=True)

@@ -19,7 +19,7 @@ from qrl_megatron.bridge.base import make_weight_sync
 from qrl_megatron.config import QRLConfig, to_dict
 from qrl_megatron.data.arithmetic import load_task
 from qrl_megatron.learner.batch import TokenBatch
-from qrl_megatron.learner.learner import Learner, warmup_lr
+from qrl_megatron.learner.learner import Learner, scheduled_lr
 from qrl_megatron.learner.warmstart import run_warmstart
 from qrl_megatron.metrics.logger import MetricsLogger
 from qrl_megatron.models.base import load_hf_weights, load_tokenizer, prepare_base_model, sequence_length
@@ -84,7 +84,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         if out is not None:
             local.old_logprobs = out[0]
         mismatch = learner.reduce_sums(_mismatch_sums(local, out))
-        lr = warmup_lr(cfg.learner.lr, step, cfg.learner.lr_warmup_steps)
+        lr = scheduled_lr(cfg.learner, step, cfg.trainer.max_steps)
         updates = learner.update(local, result.batch, loss_fn, cfg.algo.minibatches, cfg.algo.epochs, lr=lr)
         train_seconds = time.perf_counter() - train_start
 

@@ -269,3 +269,16 @@ def test_split_refuses_uneven_parts() -> None:
     batch = pack_sequences([[2, 3]] * 3, [[4]] * 3, 8, 0)
     with pytest.raises(ValueError, match="3 sequences"):
         batch.split(2)
+
+
+def test_learning_rate_schedule() -> None:
+    from qrl_megatron.config import LearnerConfig
+    from qrl_megatron.learner.learner import scheduled_lr
+
+    cfg = LearnerConfig(lr=1e-4, lr_warmup_steps=10, lr_schedule="cosine", lr_min_ratio=0.1)
+    assert scheduled_lr(cfg, 1, 110) == pytest.approx(1e-5)
+    assert scheduled_lr(cfg, 10, 110) == pytest.approx(1e-4)
+    assert scheduled_lr(cfg, 60, 110) == pytest.approx(1e-4 * (0.1 + 0.9 * 0.5))
+    assert scheduled_lr(cfg, 110, 110) == pytest.approx(1e-5)
+    constant = LearnerConfig(lr=1e-4, lr_warmup_steps=0, lr_schedule="constant")
+    assert scheduled_lr(constant, 1, 110) == scheduled_lr(constant, 110, 110) == 1e-4

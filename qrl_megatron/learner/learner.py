@@ -25,16 +25,21 @@ from qrl_megatron.platform import ParallelLayout
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def warmup_lr(peak: float, step: int, warmup_steps: int) -> float:
-    """Linear warm-up to `peak` over `warmup_steps` optimizer steps (1-based), then constant.
+def scheduled_lr(cfg: LearnerConfig, step: int, total_steps: int) -> float:
+    """Learning rate of optimizer step `step` (1-based): linear warm-up, then constant or cosine decay.
 
-    Adam's first updates move every parameter by about the learning rate whatever the gradient's size (the
-    second-moment estimate is still tiny); with noisy policy gradients that is a random jump, measured on the tiny
-    model as a reward drop from 0.59 to 0.42 after one step at 1e-4. Warming up lets the estimates settle first.
+    Warm-up: Adam's first updates move every parameter by about the learning rate whatever the gradient's size
+    (the second-moment estimate is still tiny); with noisy policy gradients that is a random jump, measured on the
+    tiny model as a reward drop from 0.59 to 0.42 after one step at 1e-4. Decay: at a constant rate the held-out
+    accuracy kept oscillating by +-5 points late in the run, and the final policy is the one that is kept.
     """
-    if warmup_steps <= 0:
-        return peak
-    return peak * min(1.0, step / warmup_steps)
+    if cfg.lr_warmup_steps and step <= cfg.lr_warmup_steps:
+        return cfg.lr * step / cfg.lr_warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, total_steps - cfg.lr_warmup_steps)
+    progress = min(1.0, (step - cfg.lr_warmup_steps) / span)
+    return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def token_logprobs_and_entropy(
