@@ -141,7 +141,11 @@ class LearnerConfig:
     tp: int = doc(1, "tensor-parallel size of the Megatron learner")
     pp: int = doc(1, "pipeline-parallel size")
     dp: int = doc(1, "data-parallel size (world size = tp * pp * dp)")
-    precision: str = doc("fp32", "learner parameter/compute precision: fp32 or bf16")
+    precision: str = doc(
+        "fp32",
+        "learner precision: fp32, bf16, or fp8/nvfp4 = fake-quantized compute on CPU, TE recipes on GPU "
+        "(master weights stay in fp32)",
+    )
     lr: float = doc(1e-4, "RL learning rate (AdamW), reached after learner.lr_warmup_steps")
     lr_warmup_steps: int = doc(10, "linear warm-up of the RL learning rate (Adam's first steps are sign-like)")
     lr_schedule: str = doc(
@@ -158,7 +162,7 @@ class LearnerConfig:
     def validate(self, prefix: str = "learner") -> None:
         for key in ("tp", "pp", "dp", "micro_batch_size"):
             check_positive(f"{prefix}.{key}", getattr(self, key))
-        check_choice(f"{prefix}.precision", self.precision, ("fp32", "bf16"))
+        check_choice(f"{prefix}.precision", self.precision, ("fp32", "bf16", "fp8", "nvfp4"))
         check_positive(f"{prefix}.lr", self.lr)
         check_positive(f"{prefix}.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
         check_choice(f"{prefix}.lr_schedule", self.lr_schedule, ("constant", "cosine"))
@@ -204,6 +208,8 @@ class AlgoConfig:
     clip_low: float = doc(0.2, "PPO ratio clip below: 1 - clip_low")
     clip_high: float = doc(0.2, "PPO ratio clip above: 1 + clip_high (DAPO clip-higher: 0.28)")
     loss_agg: str = doc("token_mean", "loss aggregation over the batch: token_mean or seq_mean")
+    dynamic_sampling: bool = doc(False, "DAPO dynamic sampling: drop groups whose rewards are all equal, refill")
+    dynamic_sampling_max_attempts: int = doc(4, "most rollout rounds per step when refilling dropped groups")
     minibatches: int = doc(1, "policy updates per rollout batch (the batch is split into this many)")
     epochs: int = doc(1, "passes over the rollout batch")
 
@@ -213,6 +219,7 @@ class AlgoConfig:
         check_range(f"{prefix}.clip_low", self.clip_low, 0.0, 1.0)
         check_positive(f"{prefix}.clip_high", self.clip_high)
         check_choice(f"{prefix}.loss_agg", self.loss_agg, ("token_mean", "seq_mean"))
+        check_positive(f"{prefix}.dynamic_sampling_max_attempts", self.dynamic_sampling_max_attempts)
         check_positive(f"{prefix}.minibatches", self.minibatches)
         check_positive(f"{prefix}.epochs", self.epochs)
 

@@ -81,3 +81,29 @@ def test_in_place_reload_updates_every_weight_including_tied_lm_head(engine, hf_
         engine.load_weights(
             {k: v.to(torch.bfloat16) for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
         )
+
+
+def test_dynamic_sampling_keeps_informative_groups(engine) -> None:
+    """Groups with all-equal rewards are dropped and refilled; the batch shape never changes."""
+    from qrl_megatron.config import QRLConfig
+    from qrl_megatron.rollout.stage import PromptSampler, rollout
+
+    cfg = QRLConfig()
+    cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt, cfg.rollout.max_new_tokens = 4, 4, 4
+    cfg.algo.dynamic_sampling, cfg.algo.dynamic_sampling_max_attempts = True, 3
+    prompts = [f"{a}+{a}=" for a in range(10, 30)]
+    # the answer of every prompt is one of the engine's own seeded samples for round 1 of step 1, so the first
+    # round's groups are mixed unless all samples of a group agree; unrelated answers elsewhere never match
+    first = engine.generate(prompts[:4], 4, cfg.rollout.temperature, 4, step=3)
+    answers = [first[4 * i].text if first[4 * i].finished else "0" for i in range(4)] + ["nope"] * 16
+    sampler = PromptSampler(prompts, answers, seed=0)
+    sampler.order = list(range(len(prompts)))[::-1]  # take() pops from the end: prompts 0..3 come first
+    result = rollout(engine, sampler, cfg, step=1, seq_length=16, pad_id=0)
+    metrics = result.metrics
+    assert len(result.batch) == 16
+    assert 1 <= metrics["rollout_rounds"] <= 3
+    kept_informative = metrics["batch_groups_informative"]
+    groups = result.batch.advantages.view(4, 4)
+    assert kept_informative == pytest.approx(float((groups.abs().sum(1) > 0).float().mean()))
+    if metrics["rollout_rounds"] == 3:  # could not fill: the remainder is zero-advantage groups
+        assert kept_informative < 1.0

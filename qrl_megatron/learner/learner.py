@@ -17,6 +17,7 @@ import torch.distributed as dist
 from qrl_megatron.config import LearnerConfig
 from qrl_megatron.learner.batch import TokenBatch
 from qrl_megatron.learner.model import build_gpt_model, gather_hf_state_dict, load_hf_state_dict
+from qrl_megatron.learner.precision import apply_precision, precision_autocast
 from qrl_megatron.models.registry import ModelSpec
 from qrl_megatron.platform import ParallelLayout
 
@@ -82,6 +83,7 @@ class Learner:
         self.temperature = temperature
         self.params_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         module = build_gpt_model(spec, layout, params_dtype=self.params_dtype)
+        self.te_recipe = apply_precision(module, cfg.precision)  # fp8/nvfp4: TE recipe on GPU, else emulation
         load_hf_state_dict(module, hf_state_dict, spec, layout)
         self.config = module.config
         self.config.finalize_model_grads_func = finalize_model_grads
@@ -116,7 +118,8 @@ class Learner:
 
         def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Callable[..., Any]]:
             mb: TokenBatch = next(data_iterator)
-            output = model(mb.tokens, positions, attention_mask=None)
+            with precision_autocast(self.te_recipe):
+                output = model(mb.tokens, positions, attention_mask=None)
             return output, partial(loss_func, mb)
 
         return get_forward_backward_func()(

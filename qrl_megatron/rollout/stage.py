@@ -62,14 +62,37 @@ def score(completions: list[Completion], answers: list[str]) -> torch.Tensor:
 def rollout(
     engine: VLLMEngine, sampler: PromptSampler, cfg: QRLConfig, step: int, seq_length: int, pad_id: int
 ) -> RolloutResult:
-    prompts, answers = sampler.take(cfg.rollout.prompts_per_step)
-    start = time.perf_counter()
-    completions = engine.generate(
-        prompts, cfg.rollout.samples_per_prompt, cfg.rollout.temperature, cfg.rollout.max_new_tokens, step
-    )
-    seconds = time.perf_counter() - start
-    rewards = score(completions, answers)
-    advantages = group_advantages(rewards, cfg.rollout.samples_per_prompt, cfg.algo.advantage, cfg.algo.std_eps)
+    """Sample `prompts_per_step` groups, score them, and pack the learner batch.
+
+    With DAPO dynamic sampling, groups whose rewards are all equal (zero advantage, no gradient) are dropped and
+    more prompts are sampled, up to `algo.dynamic_sampling_max_attempts` rounds; if still short, dropped groups
+    fill the batch so its shape (and the pipeline's) stays fixed. Reward metrics cover everything sampled, so they
+    stay an unbiased measure of the policy.
+    """
+    n, wanted = cfg.rollout.samples_per_prompt, cfg.rollout.prompts_per_step
+    kept: list[tuple[list[Completion], torch.Tensor]] = []
+    dropped: list[tuple[list[Completion], torch.Tensor]] = []
+    sampled_rewards, seconds, tokens, attempts = [], 0.0, 0, 0
+    max_attempts = cfg.algo.dynamic_sampling_max_attempts if cfg.algo.dynamic_sampling else 1
+    while len(kept) < wanted and attempts < max_attempts:
+        attempts += 1
+        prompts, answers = sampler.take(wanted)
+        start = time.perf_counter()
+        completions = engine.generate(
+            prompts, n, cfg.rollout.temperature, cfg.rollout.max_new_tokens, step * max_attempts + attempts - 1
+        )
+        seconds += time.perf_counter() - start
+        tokens += sum(len(c.token_ids) for c in completions)
+        rewards = score(completions, answers)
+        sampled_rewards.append(rewards)
+        for g in range(len(prompts)):
+            group, group_rewards = completions[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n]
+            informative = not cfg.algo.dynamic_sampling or bool(group_rewards.max() > group_rewards.min())
+            (kept if informative else dropped).append((group, group_rewards))
+    groups = (kept + dropped)[:wanted]
+    completions = [c for group, _ in groups for c in group]
+    rewards = torch.cat([r for _, r in groups])
+    advantages = group_advantages(rewards, n, cfg.algo.advantage, cfg.algo.std_eps)
     batch = pack_sequences(
         [c.prompt_token_ids for c in completions],
         [c.token_ids for c in completions],
@@ -78,13 +101,15 @@ def rollout(
         advantages=advantages,
         rollout_logprobs=[c.rollout_logprobs for c in completions],
     )
-    tokens = sum(len(c.token_ids) for c in completions)
-    groups = rewards.view(-1, cfg.rollout.samples_per_prompt)
+    all_rewards = torch.cat(sampled_rewards)
+    all_groups = all_rewards.view(-1, n)
     metrics = {
-        "reward_mean": float(rewards.mean()),
-        "accuracy": float((rewards > 0).float().mean()),
-        "groups_all_equal": float((groups.max(1).values == groups.min(1).values).float().mean()),
-        "response_length_mean": tokens / len(completions),
+        "reward_mean": float(all_rewards.mean()),
+        "accuracy": float((all_rewards > 0).float().mean()),
+        "groups_all_equal": float((all_groups.max(1).values == all_groups.min(1).values).float().mean()),
+        "batch_groups_informative": sum(bool(r.max() > r.min()) for _, r in groups) / len(groups),
+        "rollout_rounds": float(attempts),
+        "response_length_mean": sum(len(c.token_ids) for c in completions) / len(completions),
         "truncated_fraction": sum(not c.finished for c in completions) / len(completions),
         "time_rollout_s": seconds,
         "rollout_tokens_per_s": tokens / max(seconds, 1e-9),
