@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,7 +37,12 @@ __all__ = [
     "quantize_activation_per_token",
 ]
 
-_QUANTIZERS = {"nvfp4": nvfp4.quantize, "mxfp4": mxfp4.quantize, "fp8": fp8.quantize, "int8": int8.quantize}
+_QUANTIZERS: dict[str, Callable[..., QuantizedTensor]] = {
+    "nvfp4": nvfp4.quantize,
+    "mxfp4": mxfp4.quantize,
+    "fp8": fp8.quantize,
+    "int8": int8.quantize,
+}
 _LAZY = ("recipes", "emulation", "triton_kernels")
 
 

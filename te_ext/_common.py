@@ -1,14 +1,32 @@
-"""Shared constants, input validation and chunking helpers for te_ext.
+"""Shared constants, input validation and the tiling engine of te_ext.
 
-Everything here is plain torch and runs on CPU. The quantizers work on a 2-D view ``[rows, K]`` of the input
-(leading dimensions flattened, the last dimension is the input/reduction dimension) and walk it in row chunks of
-about ``CHUNK_ELEMS`` elements so that the float32 temporaries stay in cache and the allocator reuses them. The
-chunk loop is the only Python loop on the data path; every block/element operation inside a chunk is vectorized.
+Everything here is plain torch and runs on any device. The quantizers work on a 2-D view ``[rows, K]`` of the
+input (leading dimensions flattened; the last dimension is the input/reduction dimension) and process it in tiles
+of at most ``SERIAL_TILE_ELEMS`` elements:
+
+* the float32 temporaries of a tile stay in cache and the allocator reuses them (one full-size float32
+  temporary per op costs more in page faults than the arithmetic);
+* on CPU, every public te_ext call runs its torch ops with intra-op parallelism off (``serial_torch``: the torch
+  thread count is set to 1 for the duration of the call and restored after). A quantizer issues many
+  medium-sized ops, and each OpenMP parallel region stalls on a busy machine (its barrier waits for a
+  descheduled thread: measured 100x slowdowns on the shared 2-core CI machine). Large tensors are instead split
+  over a small thread pool (as many workers as torch threads the caller had; torch releases the GIL inside ops).
+* round-to-nearest results never depend on the tiling; stochastic rounding always uses ``TILE_ELEMS`` tiles (its
+  random stream is per tile), so its result depends only on the seed, never on the thread count.
+
+The tile loop is the only Python loop on the data path; every block/element operation inside a tile is vectorized.
+On CUDA tensors the tiles are simply larger (``CUDA_TILE_ELEMS``) and run on one thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,7 +46,10 @@ FP8_MIN_SCALING_FACTOR = 1.0 / (E4M3_MAX * 512.0)
 FP32_EPS = torch.finfo(torch.float32).eps
 E4M3_ZERO_SCALE_EPS = 0.125
 
-CHUNK_ELEMS = 1 << 16
+TILE_ELEMS = 1 << 15  # tile size of stochastic rounding (fixed, so the random stream does not depend on threads)
+SERIAL_TILE_ELEMS = 1 << 18
+CUDA_TILE_ELEMS = 1 << 24
+MIN_PARALLEL_TILES = 8  # below ~2M elements the pool's hand-off costs more than it saves
 
 ARITHS = ("compressed_tensors", "vllm")
 
@@ -83,21 +104,220 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, k)
 
 
-def row_chunks(rows: int, cols: int, target: int = CHUNK_ELEMS) -> Iterator[slice]:
-    """Row slices of about ``target`` elements each (at least one row per slice)."""
-    step = max(1, target // max(cols, 1))
-    for start in range(0, rows, step):
-        yield slice(start, min(rows, start + step))
+Tile = tuple[slice, slice]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _CallerThreads:
+    """The torch thread count the outermost te_ext call found (what the pool sizes itself to)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.saved = 1
+
+    def get(self, default: int) -> int:
+        return self.saved if self.depth else default
+
+
+_CALLER_THREADS = _CallerThreads()
+
+
+@contextlib.contextmanager
+def serial_torch() -> Iterator[None]:
+    """Turn torch's intra-op parallelism off for the enclosed te_ext work (re-entrant; restores the thread count)."""
+    st = _CALLER_THREADS
+    with st.lock:
+        if st.depth == 0:
+            st.saved = torch.get_num_threads()
+            if st.saved != 1:
+                torch.set_num_threads(1)
+        st.depth += 1
+    try:
+        yield
+    finally:
+        with st.lock:
+            st.depth -= 1
+            if st.depth == 0 and st.saved != 1:
+                torch.set_num_threads(st.saved)
+
+
+def cpu_serial(fn: F) -> F:
+    """Decorator: run ``fn`` under ``serial_torch`` (harmless for CUDA inputs, whose ops do not use OpenMP)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name.startswith("te_ext"):
+            return fn(*args, **kwargs)
+        with serial_torch():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def tiles(
+    rows: int, cols: int, col_align: int = 1, *, device: torch.device | None = None, fixed: bool = False
+) -> list[Tile]:
+    """(row slice, column slice) pairs covering ``[rows, cols]`` (see the module docstring for the tile size;
+    ``fixed=True`` always uses ``TILE_ELEMS``).
+
+    Full rows when a row fits; otherwise each row is split into column ranges that are multiples of
+    ``col_align`` (the format's block width, so no block straddles two tiles).
+    """
+    if device is not None and device.type == "cuda":
+        limit = CUDA_TILE_ELEMS
+    elif fixed:
+        limit = TILE_ELEMS
+    else:
+        limit = SERIAL_TILE_ELEMS
+    if rows == 0 or cols == 0:
+        return []
+    if cols <= limit:
+        step = max(1, limit // cols)
+        return [(slice(r, min(rows, r + step)), slice(0, cols)) for r in range(0, rows, step)]
+    width = max(col_align, limit // col_align * col_align)
+    return [(slice(r, r + 1), slice(c, min(cols, c + width))) for r in range(rows) for c in range(0, cols, width)]
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="te_ext")
+        return _POOL
+
+
+def num_workers(n_tiles: int, device: torch.device) -> int:
+    """Worker threads for ``n_tiles`` CPU tiles: the caller's torch thread count (or ``$TE_EXT_NUM_WORKERS``);
+    1 for small tensors, non-CPU devices and calls made from inside a te_ext worker."""
+    if device.type != "cpu" or n_tiles < MIN_PARALLEL_TILES:
+        return 1
+    if threading.current_thread().name.startswith("te_ext"):
+        return 1
+    env = os.environ.get("TE_EXT_NUM_WORKERS")
+    want = int(env) if env else _CALLER_THREADS.get(torch.get_num_threads())
+    return max(1, min(want, os.cpu_count() or 1, n_tiles // 8))
+
+
+def parallel_tiles(fn: Callable[[int, Tile], None], work: Sequence[Tile], device: torch.device) -> None:
+    """Run ``fn(index, tile)`` on every tile: inline, or in contiguous groups on the te_ext thread pool."""
+    n = num_workers(len(work), device)
+    if n <= 1:
+        for i, t in enumerate(work):
+            fn(i, t)
+        return
+    bounds = [len(work) * i // n for i in range(n + 1)]
+
+    def run(i: int) -> None:
+        for j in range(bounds[i], bounds[i + 1]):
+            fn(j, work[j])
+
+    for f in [_pool().submit(run, i) for i in range(n)]:
+        f.result()
+
+
+def _f32_abs(tile: torch.Tensor) -> torch.Tensor:
+    """A fresh float32 ``|tile|`` (never aliases the input)."""
+    return tile.to(torch.float32, copy=True).abs_()
 
 
 def block_absmax(x2: torch.Tensor, block: int) -> torch.Tensor:
     """max(|x|) over consecutive blocks of ``block`` elements of the last dim, in float32: ``[R, K] -> [R, K/block]``.
 
-    Uses ``aminmax`` (no full-size ``abs()`` temporary); exact in every input dtype. NaN propagates.
+    Exact in every input dtype (a max of values converted exactly to float32); NaN propagates. Computed per tile on
+    float32 copies with a pairwise ``maximum`` tree for power-of-two blocks (a reduction over a short innermost
+    dimension, or any reduction on bf16, is several times slower on CPU).
     """
     r, k = x2.shape
-    lo, hi = x2.reshape(r, k // block, block).aminmax(dim=-1)
-    return torch.maximum(lo.neg_(), hi).float()
+    if k % block:
+        raise ValueError(f"last dim {k} is not a multiple of the block {block}")
+    out = torch.empty(r, k // block, dtype=torch.float32, device=x2.device)
+
+    def work(_: int, t: Tile) -> None:
+        rs, cs = t
+        out[rs, cs.start // block : cs.stop // block] = block_max(_f32_abs(x2[rs, cs]), block)
+
+    parallel_tiles(work, tiles(r, k, block, device=x2.device), x2.device)
+    return out
+
+
+def block_max(a: torch.Tensor, block: int) -> torch.Tensor:
+    """``[r, c]`` (non-negative float32, c a multiple of block) -> per-block max ``[r, c/block]``."""
+    r, c = a.shape
+    a = a.view(-1, block)
+    if block & (block - 1) == 0:
+        w = block
+        while w > 1:
+            w //= 2
+            a = torch.maximum(a[:, :w], a[:, w:])
+    else:
+        a = a.amax(dim=-1)
+    return a.view(r, c // block)
+
+
+def quantize_rows(
+    x2: torch.Tensor,
+    out: torch.Tensor,
+    scale_from_amax: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Per-row (per-channel / per-token) quantization into ``out``; returns the ``[rows, 1]`` scales.
+
+    ``scale_from_amax(amax [r, 1] float32) -> (scale, multiplier)`` (elementwise, so the result does not depend
+    on how rows are grouped) and ``apply(y float32 tile, multiplier rows) -> values`` (may modify y in place).
+    One pass over x when a row fits in a tile (statistics and codes from the same float32 copy), two otherwise.
+    """
+    rows, k = x2.shape
+    work = tiles(rows, k, device=x2.device)
+    if not work or work[0][1] == slice(0, k):
+        scale = torch.empty(rows, 1, dtype=torch.float32, device=x2.device)
+
+        def one_pass(_: int, t: Tile) -> None:
+            rs = t[0]
+            y = x2[rs].to(torch.float32, copy=True)
+            s, m = scale_from_amax(y.abs().amax(dim=-1, keepdim=True))
+            scale[rs] = s
+            out[rs] = apply(y, m)
+
+        parallel_tiles(one_pass, work, x2.device)
+        return scale
+    scale, mult = scale_from_amax(row_absmax(x2))
+
+    def second_pass(_: int, t: Tile) -> None:
+        rs, cs = t
+        out[rs, cs] = apply(x2[rs, cs].to(torch.float32, copy=True), mult[rs])
+
+    parallel_tiles(second_pass, work, x2.device)
+    return scale
+
+
+def row_absmax(x2: torch.Tensor) -> torch.Tensor:
+    """max(|x|) of every row, float32 ``[R, 1]`` (NaN propagates)."""
+    r, k = x2.shape
+    if k == 0:
+        return torch.zeros(r, 1, device=x2.device)
+    work = tiles(r, k, 1, device=x2.device)
+    width = work[0][1].stop - work[0][1].start if work else k
+    ncol = -(-k // width)
+    part = torch.zeros(r, ncol, dtype=torch.float32, device=x2.device)
+
+    def fn(_: int, t: Tile) -> None:
+        rs, cs = t
+        part[rs, cs.start // width : cs.start // width + 1] = _f32_abs(x2[rs, cs]).amax(dim=-1, keepdim=True)
+
+    parallel_tiles(fn, work, x2.device)
+    return part if ncol == 1 else part.amax(dim=-1, keepdim=True)
+
+
+def tensor_absmax(x2: torch.Tensor) -> torch.Tensor:
+    """max(|x|) of the whole tensor, float32 ``[1]`` (0 for an empty tensor)."""
+    if x2.numel() == 0:
+        return torch.zeros(1, device=x2.device)
+    return row_absmax(x2).amax().reshape(1)
 
 
 def pad_last_dim(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -116,3 +336,15 @@ def require_multiple(k: int, block: int, fmt: str, detail: str) -> None:
             "tensor is for te_ext/learner use only, vLLM cannot load it), or keep this layer unquantized "
             "(list it in the quantization config's ignore list)."
         )
+
+
+def stochastic_base_seed(seed: int | None, generator: torch.Generator | None) -> int:
+    """Base seed for per-tile generators (tile i uses base + i): deterministic for a given seed/generator state and
+    independent of the number of worker threads."""
+    if seed is not None:
+        return int(seed)
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def tile_generator(base: int, index: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((base + index * 0x9E3779B97F4A7C15) % 2**63)

@@ -51,16 +51,20 @@ def encode(
     stochastic: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """float32 values already scaled and clamped to [-6, 6] -> uint8 codes (one per element, 0..15).
+    """float32 values already scaled and clamped to [-6, 6] -> int32 codes (one per element, 0..15).
 
     The sign bit is set for ``y < 0`` (what compressed-tensors stores: ``torch.sign(-0.0)`` is +0, so -0.0 gets
     code 0 while a small negative value that rounds to zero gets code 8, "-0"). With ``sign_from_signbit`` the IEEE
     sign bit is copied instead (vLLM's Triton MXFP4 quantizer: -0.0 -> code 8).
 
-    With ``stochastic=True`` (random numbers from ``generator``, or torch's default generator): stochastic rounding -- round up to the next grid value with probability
-    (a - lo) / (hi - lo); exact grid values never move.
+    With ``stochastic=True`` (random numbers from ``generator``, or torch's default generator): stochastic rounding
+    -- round up to the next grid value with probability (a - lo) / (hi - lo); exact grid values never move.
+
+    (Implementation note: comparisons producing bool and float -> uint8 casts are not vectorized on CPU, so the
+    sign comes from the float's bit pattern -- ``y + 0.0`` turns -0.0 into +0.0 -- and the cast goes via int32.)
     """
-    neg = torch.signbit(y) if sign_from_signbit else (y < 0)
+    sbits = y if sign_from_signbit else y + 0.0
+    sign = (sbits.view(torch.int32) >> 28).bitwise_and_(8)
     a = y.abs()
     if not stochastic:
         idx = _mag_index(a, "round")
@@ -72,25 +76,22 @@ def encode(
         frac = (a - lo).div_(step.clamp_(min=0.5))  # step is 0 only at the top code (a == 6): frac is then 0
         r = torch.rand(a.shape, generator=generator, dtype=torch.float32, device=a.device)
         idx = lo_idx.add_((r < frac).float())
-    codes = idx.to(torch.uint8)
-    codes.add_(neg.to(torch.uint8).mul_(8))
-    return codes
+    return idx.to(torch.int32).bitwise_or_(sign)
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes ``[..., K]`` (K even) -> packed bytes ``[..., K/2]``: low nibble = even element."""
+    """int32 (or any integer) codes ``[..., K]`` (K even) -> packed uint8 ``[..., K/2]``: low nibble = even element."""
     k = codes.shape[-1]
-    c = codes.contiguous()
-    v = c.view(torch.int16)  # little-endian: byte 2i is the low byte of int16 i
-    p = (v & 0x0F) | ((v >> 4) & 0xF0)
+    v = codes.to(torch.int32).contiguous().view(torch.int64)  # little-endian: element 2i is the low word
+    p = (v & 0x0F).bitwise_or_((v >> 28).bitwise_and_(0xF0))
     return p.to(torch.uint8).reshape(*codes.shape[:-1], k // 2)
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """packed bytes ``[..., K/2]`` -> uint8 codes ``[..., K]``."""
+    """packed bytes ``[..., K/2]`` -> int32 codes ``[..., K]``."""
     low = packed & 0x0F
     high = packed >> 4
-    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2).to(torch.int32)
 
 
 def _pair_table() -> torch.Tensor:
@@ -109,10 +110,3 @@ def decode(packed: torch.Tensor) -> torch.Tensor:
     flat = packed.reshape(-1).to(torch.int32)
     out = table.index_select(0, flat)
     return out.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
-
-
-def decode_codes(codes: torch.Tensor) -> torch.Tensor:
-    """Unpacked uint8 codes -> float32 values."""
-    vals = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
-    signed = torch.cat([vals, -vals])
-    return signed.index_select(0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)

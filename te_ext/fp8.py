@@ -31,10 +31,16 @@ from te_ext._common import (
     FP8_MIN_SCALING_FACTOR,
     FP32_EPS,
     as_rows,
+    block_absmax,
     check_arith,
     check_finite_amax,
     check_input,
-    row_chunks,
+    cpu_serial,
+    pad_last_dim,
+    parallel_tiles,
+    quantize_rows,
+    tensor_absmax,
+    tiles,
 )
 from te_ext.qtensor import QuantizedTensor
 
@@ -42,28 +48,35 @@ _FMT = "fp8"
 GRANULARITIES = ("tensor", "channel", "block")
 
 
-def _amax_rows(x2: torch.Tensor) -> torch.Tensor:
-    lo, hi = x2.aminmax(dim=-1, keepdim=True)
-    return torch.maximum(lo.neg_(), hi).float()
-
-
 def _block_amax(x2: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
+    """float32 amax of every ``bn x bk`` tile ``[ceil(R/bn), ceil(K/bk)]``; partial tiles cover what exists."""
     rows, k = x2.shape
-    pr, pk = (-rows) % bn, (-k) % bk
-    xp = torch.nn.functional.pad(x2, (0, pk, 0, pr)) if (pr or pk) else x2
-    nb_r, nb_k = xp.shape[0] // bn, xp.shape[1] // bk
-    lo, hi = xp.reshape(nb_r, bn, nb_k, bk).aminmax(dim=3)  # [nb_r, bn, nb_k]
-    return torch.maximum(lo.neg_(), hi).amax(dim=1).float()  # [nb_r, nb_k]
+    per_row = block_absmax(pad_last_dim(x2, bk), bk)  # [rows, ceil(K/bk)]
+    pr = (-rows) % bn
+    if pr:
+        per_row = torch.nn.functional.pad(per_row, (0, 0, 0, pr))
+    return per_row.view(-1, bn, per_row.shape[1]).amax(dim=1)
 
 
-def _expand_block(scale: torch.Tensor, rows: int, k: int, bn: int, bk: int) -> torch.Tensor:
-    return scale.repeat_interleave(bn, dim=0)[:rows].repeat_interleave(bk, dim=1)[:, :k]
+def _apply_block(y: torch.Tensor, row_scales: torch.Tensor, bk: int, divide: bool) -> torch.Tensor:
+    """In place ``y / s`` (or ``y * s``) with ``row_scales [r, ceil(K/bk)]`` broadcast over each bk columns."""
+    r, k = y.shape
+    if k % bk == 0:
+        yv, m = y.view(r, k // bk, bk), row_scales.unsqueeze(-1)
+    else:
+        yv, m = y, row_scales.repeat_interleave(bk, dim=1)[:, :k]
+    if divide:
+        yv.div_(m)
+    else:
+        yv.mul_(m)
+    return y
 
 
 def _replace_zero(scale: torch.Tensor, value: float) -> torch.Tensor:
     return torch.where(scale == 0, torch.tensor(value, dtype=scale.dtype, device=scale.device), scale)
 
 
+@cpu_serial
 def quantize(
     x: torch.Tensor,
     *,
@@ -81,7 +94,7 @@ def quantize(
     opts: dict = {"granularity": granularity, "arith": arith}
 
     if granularity == "tensor":
-        amax = _amax_rows(x2.reshape(1, -1)).reshape(1) if x2.numel() else torch.zeros(1, device=x.device)
+        amax = tensor_absmax(x2)
         check_finite_amax(amax, x, _FMT)
         scale = amax / E4M3_MAX
         if arith == "compressed_tensors":
@@ -90,16 +103,22 @@ def quantize(
         else:
             scale = scale.clamp(min=FP8_MIN_SCALING_FACTOR)
             mult, divide = scale.reciprocal(), False
-        row_mult = None
     elif granularity == "channel":
-        amax = _amax_rows(x2)  # [rows, 1]
-        check_finite_amax(amax, x, _FMT)
-        if arith == "compressed_tensors":
-            scale = _replace_zero(amax / E4M3_MAX, FP32_EPS)
-        else:
-            fp8_max = torch.tensor(E4M3_MAX, device=amax.device)
-            scale = (amax / fp8_max).clamp_min(1.0 / (fp8_max * 512))
-        row_mult, divide = scale, True
+        fp8_max = torch.tensor(E4M3_MAX, device=x.device)
+
+        def scale_from_amax(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if arith == "compressed_tensors":
+                s = _replace_zero(amax / E4M3_MAX, FP32_EPS)
+            else:
+                s = (amax / fp8_max).clamp_min(1.0 / (fp8_max * 512))
+            return s, s
+
+        codes = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
+        scale = quantize_rows(x2, codes, scale_from_amax, lambda y, s: y.div_(s).clamp_(-E4M3_MAX, E4M3_MAX))
+        check_finite_amax(scale, x, _FMT)
+        return QuantizedTensor(
+            fmt=_FMT, codes=codes.reshape(shape), scales={"weight_scale": scale}, shape=torch.Size(shape), options=opts
+        )
     else:
         if x.ndim != 2:
             raise ValueError(
@@ -113,25 +132,27 @@ def quantize(
         check_finite_amax(amax, x, _FMT)
         if arith == "compressed_tensors":
             scale = _replace_zero(amax / E4M3_MAX, FP32_EPS)
-            mult_full, divide = _expand_block(scale, rows, k, bn, bk), True
+            mult, divide = scale.repeat_interleave(bn, dim=0)[:rows], True
         else:
             scale = amax.clamp(1e-4) / E4M3_MAX
-            mult_full, divide = _expand_block(1.0 / scale, rows, k, bn, bk), False
+            mult, divide = (1.0 / scale).repeat_interleave(bn, dim=0)[:rows], False
 
     codes = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
-    for sl in row_chunks(rows, k):
-        y = x2[sl].to(torch.float32, copy=True)
-        if granularity == "tensor":
-            m = mult
-        elif granularity == "channel":
-            m = row_mult[sl]
+    bk = opts["block"][1] if granularity == "block" else 1
+
+    def work(_: int, t: tuple[slice, slice]) -> None:
+        rs, cs = t
+        y = x2[rs, cs].to(torch.float32, copy=True)
+        if granularity == "block":
+            _apply_block(y, mult[rs, cs.start // bk : -(-cs.stop // bk)], bk, divide)
         else:
-            m = mult_full[sl]
-        if divide:
-            y.div_(m)
-        else:
-            y.mul_(m)
-        codes[sl] = y.clamp_(-E4M3_MAX, E4M3_MAX)
+            if divide:
+                y.div_(mult)
+            else:
+                y.mul_(mult)
+        codes[rs, cs] = y.clamp_(-E4M3_MAX, E4M3_MAX)
+
+    parallel_tiles(work, tiles(rows, k, bk, device=x.device), x.device)
     return QuantizedTensor(
         fmt=_FMT,
         codes=codes.reshape(shape),
@@ -141,6 +162,7 @@ def quantize(
     )
 
 
+@cpu_serial
 def quantize_per_token(x: torch.Tensor) -> QuantizedTensor:
     """Dynamic per-token FP8 for activations, as vLLM's ``QuantFP8(static=False, PER_TOKEN).forward_native``:
     ``scale = max(amax_token / 448, 1/(448*512))``, ``code = e4m3(clamp(x * reciprocal(scale), +-448))``."""
@@ -148,13 +170,14 @@ def quantize_per_token(x: torch.Tensor) -> QuantizedTensor:
     shape = x.shape
     x2 = as_rows(x)
     rows, k = x2.shape
-    amax = _amax_rows(x2)
-    check_finite_amax(amax, x, _FMT)
-    scale = (amax / E4M3_MAX).clamp(min=FP8_MIN_SCALING_FACTOR)
-    inv = scale.reciprocal()
+
+    def scale_from_amax(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = (amax / E4M3_MAX).clamp(min=FP8_MIN_SCALING_FACTOR)
+        return s, s.reciprocal()
+
     codes = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
-    for sl in row_chunks(rows, k):
-        codes[sl] = x2[sl].to(torch.float32, copy=True).mul_(inv[sl]).clamp_(-E4M3_MAX, E4M3_MAX)
+    scale = quantize_rows(x2, codes, scale_from_amax, lambda y, inv: y.mul_(inv).clamp_(-E4M3_MAX, E4M3_MAX))
+    check_finite_amax(scale, x, _FMT)
     return QuantizedTensor(
         fmt=_FMT,
         codes=codes.reshape(shape),
@@ -164,6 +187,7 @@ def quantize_per_token(x: torch.Tensor) -> QuantizedTensor:
     )
 
 
+@cpu_serial
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     gran = qt.options.get("granularity", "channel")
     codes = qt.codes.reshape(-1, qt.codes.shape[-1])
@@ -172,11 +196,19 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torc
         scale = qt.scales["input_scale"].reshape(rows, 1)
     elif gran == "block":
         bn, bk = qt.options["block"]
-        scale = _expand_block(qt.scales["weight_scale"], rows, k, bn, bk)
+        scale = qt.scales["weight_scale"].repeat_interleave(bn, dim=0)[:rows]
     else:
         scale = qt.scales["weight_scale"]
     out = torch.empty(rows, k, dtype=dtype, device=codes.device)
-    for sl in row_chunks(rows, k):
-        s = scale if gran == "tensor" else scale[sl]
-        out[sl] = codes[sl].to(torch.float32).mul_(s)
+    align = bk if gran == "block" else 1
+
+    def work(_: int, t: tuple[slice, slice]) -> None:
+        rs, cs = t
+        y = codes[rs, cs].to(torch.float32)
+        if gran == "block":
+            out[rs, cs] = _apply_block(y, scale[rs, cs.start // bk : -(-cs.stop // bk)], bk, divide=False)
+        else:
+            out[rs, cs] = y.mul_(scale if gran == "tensor" else scale[rs])
+
+    parallel_tiles(work, tiles(rows, k, align, device=codes.device), codes.device)
     return out.reshape(qt.shape)

@@ -23,7 +23,11 @@ from te_ext._common import (
     check_arith,
     check_finite_amax,
     check_input,
-    row_chunks,
+    cpu_serial,
+    parallel_tiles,
+    quantize_rows,
+    tensor_absmax,
+    tiles,
 )
 from te_ext.qtensor import QuantizedTensor
 
@@ -31,33 +35,41 @@ _FMT = "int8"
 GRANULARITIES = ("channel", "tensor")
 
 
-def _amax_rows(x2: torch.Tensor) -> torch.Tensor:
-    lo, hi = x2.aminmax(dim=-1, keepdim=True)
-    return torch.maximum(lo.neg_(), hi).float()
-
-
+@cpu_serial
 def quantize(x: torch.Tensor, *, granularity: str = "channel", arith: str = "vllm") -> QuantizedTensor:
     check_input(x, _FMT)
     check_arith(arith, _FMT)
     if granularity not in GRANULARITIES:
-        raise ValueError(f"te_ext.quantize(fmt='int8'): granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        raise ValueError(
+            f"te_ext.quantize(fmt='int8'): granularity must be one of {GRANULARITIES}, got {granularity!r}"
+        )
     shape = x.shape
     x2 = as_rows(x)
     rows, k = x2.shape
-    if granularity == "channel":
-        amax = _amax_rows(x2)
-    else:
-        amax = _amax_rows(x2.reshape(1, -1)).reshape(1) if x2.numel() else torch.zeros(1, device=x.device)
-    check_finite_amax(amax, x, _FMT)
-    if arith == "vllm":
-        scale, qmin, qmax = amax / INT8_MAX, -INT8_MAX, INT8_MAX
-    else:
-        scale, qmin, qmax = amax / 127.5, -128.0, 127.0
-    scale = torch.where(scale == 0, torch.tensor(FP32_EPS, device=scale.device), scale)
+    divisor, qmin, qmax = (INT8_MAX, -INT8_MAX, INT8_MAX) if arith == "vllm" else (127.5, -128.0, 127.0)
+
+    def scale_from_amax(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = amax / divisor
+        s = torch.where(s == 0, torch.tensor(FP32_EPS, device=s.device), s)
+        return s, s
+
+    def apply(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return y.div_(s).clamp_(qmin, qmax).round_()
+
     codes = torch.empty(rows, k, dtype=torch.int8, device=x.device)
-    for sl in row_chunks(rows, k):
-        s = scale if granularity == "tensor" else scale[sl]
-        codes[sl] = x2[sl].to(torch.float32, copy=True).div_(s).clamp_(qmin, qmax).round_()
+    if granularity == "channel":
+        scale = quantize_rows(x2, codes, scale_from_amax, apply)
+        check_finite_amax(scale, x, _FMT)
+    else:
+        amax = tensor_absmax(x2)
+        check_finite_amax(amax, x, _FMT)
+        scale, _ = scale_from_amax(amax)
+
+        def work(_: int, t: tuple[slice, slice]) -> None:
+            rs, cs = t
+            codes[rs, cs] = apply(x2[rs, cs].to(torch.float32, copy=True), scale)
+
+        parallel_tiles(work, tiles(rows, k, device=x.device), x.device)
     return QuantizedTensor(
         fmt=_FMT,
         codes=codes.reshape(shape),
@@ -67,19 +79,21 @@ def quantize(x: torch.Tensor, *, granularity: str = "channel", arith: str = "vll
     )
 
 
+@cpu_serial
 def quantize_per_token(x: torch.Tensor) -> QuantizedTensor:
     check_input(x, _FMT)
     shape = x.shape
     x2 = as_rows(x)
     rows, k = x2.shape
-    amax = _amax_rows(x2)
-    check_finite_amax(amax, x, _FMT)
-    qmax = torch.tensor(INT8_MAX, device=amax.device)
-    scale = amax / qmax
-    inv = torch.where(amax == 0, torch.zeros((), device=amax.device), qmax / amax)
+    qmax = torch.tensor(INT8_MAX, device=x.device)
+
+    def scale_from_amax(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = torch.where(amax == 0, torch.zeros((), device=amax.device), qmax / amax)
+        return amax / qmax, inv
+
     codes = torch.empty(rows, k, dtype=torch.int8, device=x.device)
-    for sl in row_chunks(rows, k):
-        codes[sl] = x2[sl].to(torch.float32, copy=True).mul_(inv[sl]).round_().clamp_(-128.0, 127.0)
+    scale = quantize_rows(x2, codes, scale_from_amax, lambda y, inv: y.mul_(inv).round_().clamp_(-128.0, 127.0))
+    check_finite_amax(scale, x, _FMT)
     return QuantizedTensor(
         fmt=_FMT,
         codes=codes.reshape(shape),
@@ -89,13 +103,17 @@ def quantize_per_token(x: torch.Tensor) -> QuantizedTensor:
     )
 
 
+@cpu_serial
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     gran = qt.options.get("granularity", "channel")
     codes = qt.codes.reshape(-1, qt.codes.shape[-1])
     rows, k = codes.shape
     scale = qt.scales["input_scale"].reshape(rows, 1) if gran == "token" else qt.scales["weight_scale"]
     out = torch.empty(rows, k, dtype=dtype, device=codes.device)
-    for sl in row_chunks(rows, k):
-        s = scale if gran == "tensor" else scale[sl]
-        out[sl] = codes[sl].to(torch.float32).mul_(s)
+
+    def work(_: int, t: tuple[slice, slice]) -> None:
+        rs, cs = t
+        out[rs, cs] = codes[rs, cs].to(torch.float32).mul_(scale if gran == "tensor" else scale[rs])
+
+    parallel_tiles(work, tiles(rows, k, device=codes.device), codes.device)
     return out.reshape(qt.shape)

@@ -24,13 +24,17 @@ from te_ext._common import (
     E2M1_MAX,
     MXFP4_BLOCK,
     as_rows,
-    block_absmax,
+    block_max,
     check_arith,
     check_finite_amax,
     check_input,
+    cpu_serial,
     pad_last_dim,
+    parallel_tiles,
     require_multiple,
-    row_chunks,
+    stochastic_base_seed,
+    tile_generator,
+    tiles,
 )
 from te_ext.qtensor import QuantizedTensor
 
@@ -58,6 +62,7 @@ def scale_from_bytes(e8m0: torch.Tensor) -> torch.Tensor:
     return torch.where(e == 0, torch.tensor(2.0**-127, dtype=torch.float32, device=e.device), normal)
 
 
+@cpu_serial
 def quantize(
     x: torch.Tensor,
     *,
@@ -84,23 +89,28 @@ def quantize(
     x2 = pad_last_dim(as_rows(x), MXFP4_BLOCK)
     rows, kp = x2.shape
     groups = kp // MXFP4_BLOCK
-    amax_b = block_absmax(x2, MXFP4_BLOCK)
-    check_finite_amax(amax_b, x, _FMT)
-    e8 = scale_exponent_bytes(amax_b, scale_rounding)
-    scale = scale_from_bytes(e8).unsqueeze(-1)
-
-    gen = generator
-    if stochastic_rounding and gen is None and seed is not None:
-        gen = torch.Generator(device=x.device).manual_seed(int(seed))
+    # one pass: the 32-blocks never straddle tiles, so each tile computes its own scales from its float32 copy
+    amax_b = torch.empty(rows, groups, dtype=torch.float32, device=x.device)
+    e8 = torch.empty(rows, groups, dtype=torch.uint8, device=x.device)
+    sr_base = stochastic_base_seed(seed, generator) if stochastic_rounding else 0
     packed = torch.empty(rows, kp // 2, dtype=torch.uint8, device=x.device)
-    for sl in row_chunks(rows, kp):
-        r = sl.stop - sl.start
-        y = x2[sl].to(torch.float32, copy=True).view(r, groups, MXFP4_BLOCK)
-        y.div_(scale[sl]).clamp_(-E2M1_MAX, E2M1_MAX)
-        codes = _e2m1.encode(
-            y.view(r, kp), sign_from_signbit=(arith == "vllm"), stochastic=stochastic_rounding, generator=gen
-        )
-        packed[sl] = _e2m1.pack(codes)
+
+    def work(i: int, t: tuple[slice, slice]) -> None:
+        rs, cs = t
+        r, c = rs.stop - rs.start, cs.stop - cs.start
+        g0, gc = cs.start // MXFP4_BLOCK, c // MXFP4_BLOCK
+        y = x2[rs, cs].to(torch.float32, copy=True)
+        am = block_max(y.abs(), MXFP4_BLOCK)
+        amax_b[rs, g0 : g0 + gc] = am
+        eb = scale_exponent_bytes(am, scale_rounding)
+        e8[rs, g0 : g0 + gc] = eb
+        y.view(r, gc, MXFP4_BLOCK).div_(scale_from_bytes(eb).unsqueeze(-1)).clamp_(-E2M1_MAX, E2M1_MAX)
+        gen = tile_generator(sr_base, i, x.device) if stochastic_rounding else None
+        codes = _e2m1.encode(y, sign_from_signbit=(arith == "vllm"), stochastic=stochastic_rounding, generator=gen)
+        packed[rs, cs.start // 2 : cs.stop // 2] = _e2m1.pack(codes)
+
+    parallel_tiles(work, tiles(rows, kp, MXFP4_BLOCK, device=x.device, fixed=stochastic_rounding), x.device)
+    check_finite_amax(amax_b, x, _FMT)
     lead = tuple(shape[:-1])
     return QuantizedTensor(
         fmt=_FMT,
@@ -117,15 +127,22 @@ def quantize(
     )
 
 
+@cpu_serial
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     codes = qt.codes.reshape(-1, qt.codes.shape[-1])
     rows, kp = codes.shape[0], codes.shape[1] * 2
     groups = kp // MXFP4_BLOCK
     scale = scale_from_bytes(qt.scales["weight_scale"].reshape(rows, groups)).unsqueeze(-1)
     out = torch.empty(rows, kp, dtype=dtype, device=codes.device)
-    for sl in row_chunks(rows, kp):
-        r = sl.stop - sl.start
-        out[sl] = _e2m1.decode(codes[sl]).view(r, groups, MXFP4_BLOCK).mul_(scale[sl]).view(r, kp)
+
+    def work(_: int, t: tuple[slice, slice]) -> None:
+        rs, cs = t
+        r, c = rs.stop - rs.start, cs.stop - cs.start
+        g0 = cs.start // MXFP4_BLOCK
+        vals = _e2m1.decode(codes[rs, cs.start // 2 : cs.stop // 2]).view(r, c // MXFP4_BLOCK, MXFP4_BLOCK)
+        out[rs, cs] = vals.mul_(scale[rs, g0 : g0 + c // MXFP4_BLOCK]).view(r, c)
+
+    parallel_tiles(work, tiles(rows, kp, MXFP4_BLOCK, device=codes.device), codes.device)
     k = qt.shape[-1]
     if kp != k:
         out = out[:, :k]

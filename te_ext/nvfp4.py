@@ -33,9 +33,14 @@ from te_ext._common import (
     check_arith,
     check_finite_amax,
     check_input,
+    cpu_serial,
     pad_last_dim,
+    parallel_tiles,
     require_multiple,
-    row_chunks,
+    stochastic_base_seed,
+    tensor_absmax,
+    tile_generator,
+    tiles,
 )
 from te_ext.qtensor import QuantizedTensor
 
@@ -50,14 +55,12 @@ def global_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
     return torch.nan_to_num(gs, nan=1.0, posinf=1.0, neginf=1.0)
 
 
+@cpu_serial
 def tensor_amax(x: torch.Tensor, *, hadamard_seed: int | None = None) -> torch.Tensor:
     """float32 ``max |x|`` (of the Hadamard-transformed tensor when ``hadamard_seed`` is given)."""
     if hadamard_seed is not None:
         x = hadamard.forward(pad_last_dim(as_rows(x), NVFP4_BLOCK), hadamard_seed)
-    if x.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=x.device)
-    lo, hi = x.aminmax()
-    return torch.maximum(lo.neg(), hi).float()
+    return tensor_absmax(as_rows(x)).reshape(())
 
 
 def _tile_amax(amax_b: torch.Tensor) -> torch.Tensor:
@@ -69,6 +72,7 @@ def _tile_amax(amax_b: torch.Tensor) -> torch.Tensor:
     return tiles.repeat_interleave(NVFP4_BLOCK, dim=0)[:r]
 
 
+@cpu_serial
 def quantize(
     x: torch.Tensor,
     *,
@@ -159,21 +163,25 @@ def quantize(
         per_block = (1.0 / (t + (t == 0) * 1e8)).unsqueeze(-1)  # y = x * per_block
         divide = False
 
-    gen = generator
-    if stochastic_rounding and gen is None and seed is not None:
-        gen = torch.Generator(device=x.device).manual_seed(int(seed))
-
+    sr_base = stochastic_base_seed(seed, generator) if stochastic_rounding else 0
     packed = torch.empty(rows, kp // 2, dtype=torch.uint8, device=x.device)
-    for sl in row_chunks(rows, kp):
-        r = sl.stop - sl.start
-        y = x2[sl].to(torch.float32, copy=True).view(r, groups, NVFP4_BLOCK)
+
+    def work(i: int, t: tuple[slice, slice]) -> None:
+        rs, cs = t
+        r, c = rs.stop - rs.start, cs.stop - cs.start
+        g0 = cs.start // NVFP4_BLOCK
+        y = x2[rs, cs].to(torch.float32, copy=True).view(r, c // NVFP4_BLOCK, NVFP4_BLOCK)
+        pb = per_block[rs, g0 : g0 + c // NVFP4_BLOCK]
         if divide:
-            y.div_(per_block[sl])
+            y.div_(pb)
         else:
-            y.mul_(per_block[sl])
+            y.mul_(pb)
         y.clamp_(-E2M1_MAX, E2M1_MAX)
-        codes = _e2m1.encode(y.view(r, kp), stochastic=stochastic_rounding, generator=gen)
-        packed[sl] = _e2m1.pack(codes)
+        gen = tile_generator(sr_base, i, x.device) if stochastic_rounding else None
+        codes = _e2m1.encode(y.view(r, c), stochastic=stochastic_rounding, generator=gen)
+        packed[rs, cs.start // 2 : cs.stop // 2] = _e2m1.pack(codes)
+
+    parallel_tiles(work, tiles(rows, kp, NVFP4_BLOCK, device=x.device, fixed=stochastic_rounding), x.device)
 
     lead = tuple(shape[:-1])
     options = {
@@ -194,6 +202,7 @@ def quantize(
     )
 
 
+@cpu_serial
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, *, reference: str = "vllm") -> torch.Tensor:
     if reference not in ("vllm", "compressed_tensors"):
         raise ValueError(f"reference must be 'vllm' or 'compressed_tensors', got {reference!r}")
@@ -208,10 +217,15 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, *, refe
     rht = qt.options.get("hadamard")
     out_dtype = torch.float32 if rht else dtype
     out = torch.empty(rows, kp, dtype=out_dtype, device=codes.device)
-    for sl in row_chunks(rows, kp):
-        r = sl.stop - sl.start
-        vals = _e2m1.decode(codes[sl]).view(r, groups, NVFP4_BLOCK)
-        out[sl] = vals.mul_(mult[sl]).view(r, kp)
+
+    def work(_: int, t: tuple[slice, slice]) -> None:
+        rs, cs = t
+        r, c = rs.stop - rs.start, cs.stop - cs.start
+        g0 = cs.start // NVFP4_BLOCK
+        vals = _e2m1.decode(codes[rs, cs.start // 2 : cs.stop // 2]).view(r, c // NVFP4_BLOCK, NVFP4_BLOCK)
+        out[rs, cs] = vals.mul_(mult[rs, g0 : g0 + c // NVFP4_BLOCK]).view(r, c)
+
+    parallel_tiles(work, tiles(rows, kp, NVFP4_BLOCK, device=codes.device), codes.device)
     if rht:
         out = hadamard.inverse(out, qt.options["hadamard_seed"]).to(dtype)
     if kp != k:

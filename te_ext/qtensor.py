@@ -102,7 +102,9 @@ class QuantizedTensor:
         )
 
     def __repr__(self) -> str:
-        scales = ", ".join(f"{k}: {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" for k, v in self.scales.items())
+        scales = ", ".join(
+            f"{k}: {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" for k, v in self.scales.items()
+        )
         return (
             f"QuantizedTensor(fmt={self.fmt!r}, shape={tuple(self.shape)}, codes={tuple(self.codes.shape)} "
             f"{str(self.codes.dtype).replace('torch.', '')}, scales={{{scales}}}, "

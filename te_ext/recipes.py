@@ -63,19 +63,19 @@ def check_capability(name: str, sm: tuple[int, int] | None, te_available: bool) 
     if not te_available:
         raise CapabilityError(
             f"recipe {name!r} needs Transformer Engine, which is not installed. TE needs a CUDA GPU and a CUDA "
-            "build of PyTorch (it cannot be installed on a CPU machine). On CPU use learner.precision=fp8_emulated "
-            "(te_ext.emulation fake-quantizes weights and activations in torch with the same number formats), "
-            "or train in bf16/fp32."
+            "build of PyTorch (it cannot be installed on a CPU machine). On CPU use learner.precision=fp8 (or nvfp4): "
+            "without TE it runs emulated (te_ext.emulation fake-quantizes weights and activations in torch with the "
+            "same number formats), or train in bf16/fp32."
         )
     if sm is None:
         raise CapabilityError(
             f"recipe {name!r} needs a CUDA GPU, but no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the "
-            "driver). Without a GPU use learner.precision=fp8_emulated (CPU emulation in te_ext.emulation)."
+            "driver). Without a GPU learner.precision=fp8 (or nvfp4) runs emulated on CPU (te_ext.emulation)."
         )
     need = MIN_SM[name]
     if tuple(sm) >= need:
         return
-    here = _sm_str(tuple(sm))
+    here = _sm_str((int(sm[0]), int(sm[1])))
     if name == "nvfp4":
         raise CapabilityError(
             f"NVFP4 training (TE NVFP4BlockScaling) needs Blackwell, SM >= 10.0; this GPU is {here}. On Hopper "
@@ -95,7 +95,8 @@ def check_capability(name: str, sm: tuple[int, int] | None, te_available: bool) 
         )
     raise CapabilityError(
         f"FP8 (recipe {name!r}) needs SM >= 8.9 (Ada, Hopper or Blackwell) for FP8 tensor cores; this GPU is "
-        f"{here}. Train in bf16, or use learner.precision=fp8_emulated to study FP8 numerics without FP8 hardware."
+        f"{here}. Train in bf16, or study FP8 numerics without FP8 hardware with learner.precision=fp8 on a "
+        "machine without Transformer Engine (it then runs emulated, te_ext.emulation)."
     )
 
 
@@ -128,7 +129,7 @@ def build_recipe(name: str, *, sm: tuple[int, int] | None = None, check: bool = 
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise CapabilityError(
             "Transformer Engine could not be imported (transformer_engine.common.recipe): "
-            f"{e}. TE needs CUDA; on CPU use learner.precision=fp8_emulated."
+            f"{e}. TE needs CUDA; on CPU learner.precision=fp8 runs emulated."
         ) from e
     kwargs = dict(opts)
     for key in _FORMAT_KEYS:

@@ -139,9 +139,9 @@ def _w4a16_kernel(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
-        x = tl.load(
-            x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0
-        ).to(tl.float32)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0).to(
+            tl.float32
+        )
         rkp = k0 // 2 + tl.arange(0, BK // 2)
         p = tl.load(w_ptr + rn[:, None] * (K // 2) + rkp[None, :], mask=rn[:, None] < N, other=0).to(tl.int32)
         w = tl.interleave(_e2m1_value(p & 15), _e2m1_value(p >> 4))  # [BN, BK]
