@@ -138,9 +138,9 @@ def test_bad_values_name_the_key(override: str, parts: list[str]) -> None:
 
 def test_cross_field_batch_checks() -> None:
     # 32 prompts * 8 samples = 256 sequences; 256 % 3 != 0
-    _config_error(["256", "learner.dp * algo.minibatches = 3"], ["algo.minibatches=3"])
+    _config_error(["256", "learner.dp * algo.minibatches = 3"], ["algo.minibatches=3", "rollout.prompts_per_step=32"])
     # 256 per rank per update, micro-batch 3 does not divide it
-    _config_error(["learner.micro_batch_size=3", "256"], ["learner.micro_batch_size=3"])
+    _config_error(["learner.micro_batch_size=3", "256"], ["learner.micro_batch_size=3", "rollout.prompts_per_step=32"])
     # warm-start batch 64 is not divisible by dp=3 (256 % 3 != 0 too, so make the RL batch fit: 24 * 8 = 192)
     _config_error(["warmstart.batch_size", "learner.dp=3"], ["learner.dp=3", "rollout.prompts_per_step=24"])
     # valid: 3 * 8 = 24 sequences over dp=2 -> 12 per rank, micro-batch 64 > 12 is allowed

@@ -33,11 +33,12 @@
   ``main_grad``, also when ``gradient_accumulation_fusion`` is set).
 
   **Not quantized: the output layer (LM head) and the embeddings.** The rollout engine's quantized checkpoints keep
-  ``lm_head`` and ``embed_tokens`` in bf16 (compressed-tensors' ignore list, vLLM's quantized linear methods cover
-  the decoder layers only) and TE's ``fp8_autocast`` only reaches the TE modules of the transformer layers --
-  Megatron's output layer is a plain ``ColumnParallelLinear`` in both specs -- so quantizing it here would emulate
-  a model neither side runs. The embedding is a table lookup, not a GEMM (and, tied, it *is* the output weight).
-  Numerically the logits feed a softmax over the vocabulary, where a per-tensor scale would cost the most.
+  both in bf16 (``te_ext.vllm_export`` puts ``lm_head`` on compressed-tensors' ignore list; the embedding is no
+  Linear) and TE's ``fp8_autocast`` only reaches the TE modules of the transformer layers -- Megatron's output
+  layer is a plain ``ColumnParallelLinear`` in both specs (unless its MXFP8 output projection is configured) -- so
+  quantizing them here would emulate a model neither side runs. The embedding is a table lookup, not a GEMM (and,
+  tied, it *is* the output weight); numerically the logits feed a softmax over the vocabulary, where a coarse
+  per-tensor scale would cost the most.
 
 Tensor / pipeline parallelism: each rank quantizes its own shard; PP needs nothing (a stage's layers are whole).
 Under TP the shards of one weight would get different scales from the unsharded tensor wherever a scale spans the
@@ -69,9 +70,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -103,11 +104,11 @@ class _StraightThrough(torch.autograd.Function):
     """forward: ``quantizer(t)``; backward: identity (the straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, quantizer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: torch.Tensor, quantizer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         return quantizer(t.detach())
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
 
 
@@ -265,14 +266,15 @@ def apply_precision(model: torch.nn.Module, precision: str) -> Any:
             if current.fmt != precision:
                 raise ValueError(f"{name} already computes in {current.fmt}; call remove_precision first")
             continue
-        k_local = module.weight.shape[-1]
+        k_local = cast(torch.Tensor, module.weight).shape[-1]
         if precision == "nvfp4" and k_local % NVFP4_BLOCK:
             raise ValueError(
                 f"learner.precision=nvfp4: {name} has {k_local} inputs on this rank, not a multiple of the NVFP4 "
                 f"block ({NVFP4_BLOCK}); use learner.precision=fp8 or a TP size that splits it into 16-blocks"
             )
         group = getattr(module, "tp_group", None)
-        module._forward_impl = FakeQuantGemm(precision, group, isinstance(module, RowParallelLinear))
+        gemm = FakeQuantGemm(precision, group, isinstance(module, RowParallelLinear))
+        module._forward_impl = gemm  # type: ignore[assignment]  # this instance only (Megatron's GEMM hook)
     logger.info(
         "learner.precision=%s: %d linear layers fake-quantized (te_ext emulation); output layer and embeddings "
         "kept in %s",
@@ -295,8 +297,7 @@ def precision_autocast(recipe: Any) -> Iterator[None]:
     """Context for the forward pass: TE's ``fp8_autocast`` with ``recipe`` (amax reduction over the TP x DP
     group, as Megatron does), or nothing when ``recipe`` is None (fp32/bf16 and the CPU emulation)."""
     if recipe is None:
-        with nullcontext():
-            yield
+        yield
         return
     import transformer_engine.pytorch as te
     from megatron.core import parallel_state
