@@ -8,7 +8,13 @@ PY="${PYTHON:-python3}"
 STAMP="$VENV/.qrl-stack-v1"
 CONSTRAINTS="$ROOT/scripts/constraints-cpu.txt"
 
+# The editable install records pyproject.toml's entry points (qrl-train, the vLLM plugin): refresh it when they change.
+PROJECT_HASH="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import torch, vllm, megatron.core, qrl_megatron, te_ext" 2>/dev/null; then
+  if [[ "$(cat "$STAMP")" != "$PROJECT_HASH" ]]; then
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps -e "$ROOT"
+    echo "$PROJECT_HASH" > "$STAMP"
+  fi
   exit 0
 fi
 echo "[setup] creating $VENV and installing the CPU stack (first time: ~5 min)" >&2
@@ -41,5 +47,5 @@ if [[ "${QRL_INSTALL_LAUNCH:-0}" == "1" ]]; then
   "$VENV/bin/python" -c "import nemo_run, torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
     || { echo "[setup] FAILED: nemo-run broke the stack or does not import; see the messages above" >&2; exit 1; }
 fi
-touch "$STAMP"
+echo "$PROJECT_HASH" > "$STAMP"
 echo "[setup] done" >&2
