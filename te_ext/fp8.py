@@ -178,13 +178,7 @@ def quantize_per_token(x: torch.Tensor) -> QuantizedTensor:
     codes = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
     scale = quantize_rows(x2, codes, scale_from_amax, lambda y, inv: y.mul_(inv).clamp_(-E4M3_MAX, E4M3_MAX))
     check_finite_amax(scale, x, _FMT)
-    return QuantizedTensor(
-        fmt=_FMT,
-        codes=codes.reshape(shape),
-        scales={"input_scale": scale.reshape(*shape[:-1], 1)},
-        shape=torch.Size(shape),
-        options={"granularity": "token", "arith": "vllm"},
-    )
+    return QuantizedTensor.per_token(_FMT, codes, scale, shape)
 
 
 @cpu_serial

@@ -37,6 +37,17 @@ class QuantizedTensor:
     shape: torch.Size
     options: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def per_token(cls, fmt: str, codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> QuantizedTensor:
+        """A dynamically quantized activation: one scale per token (row), stored as vLLM's `input_scale`."""
+        return cls(
+            fmt=fmt,
+            codes=codes.reshape(shape),
+            scales={"input_scale": scale.reshape(*shape[:-1], 1)},
+            shape=torch.Size(shape),
+            options={"granularity": "token", "arith": "vllm"},
+        )
+
     def dequantize(self, dtype: torch.dtype = torch.bfloat16, *, reference: str = "vllm") -> torch.Tensor:
         """Decode to ``dtype`` with the logical ``shape``.
 
