@@ -207,7 +207,20 @@ class AlgoConfig:
     std_eps: float = doc(1e-6, "epsilon added to the group reward std")
     clip_low: float = doc(0.2, "PPO ratio clip below: 1 - clip_low")
     clip_high: float = doc(0.2, "PPO ratio clip above: 1 + clip_high (DAPO clip-higher: 0.28)")
-    loss_agg: str = doc("token_mean", "loss aggregation over the batch: token_mean or seq_mean")
+    loss_agg: str = doc(
+        "token_mean",
+        "loss aggregation: token_mean, seq_mean or seq_sum_norm (loss sum / (sequences * loss_norm_tokens))",
+    )
+    loss_norm_tokens: int = doc(0, "per-sequence token budget of seq_sum_norm (0: rollout.max_new_tokens)")
+    correction: str = doc("none", "rollout correction for the quantized engine: none, tis, mis or acr (QuRL)")
+    correction_level: str = doc("token", "IS ratio level: token, sequence (tis, mis) or geometric (mis only)")
+    correction_cap: float = doc(2.0, "C: tis/acr weight min(r, C); mis keeps r in [1/C, C] (geometric: use ~1.001)")
+    kl_coef: float = doc(0.0, "weight of the per-token KL to the reference policy (0: off)")
+    kl_estimator: str = doc("k1", "KL estimator: k1 (logp - ref_logp) or k3 (exp(d) - d - 1 with d = ref_logp - logp)")
+    entropy_coef: float = doc(0.0, "weight of the entropy bonus subtracted from the loss (0: off)")
+    overlong_buffer: int = doc(0, "DAPO overlong shaping: penalty ramps over the last N tokens (0: off)")
+    overlong_penalty: float = doc(1.0, "DAPO overlong shaping: reward penalty at rollout.max_new_tokens tokens")
+    mask_truncated: bool = doc(False, "drop completions cut at rollout.max_new_tokens from the loss (loss mask 0)")
     dynamic_sampling: bool = doc(False, "DAPO dynamic sampling: drop groups whose rewards are all equal, refill")
     dynamic_sampling_max_attempts: int = doc(4, "most rollout rounds per step when refilling dropped groups")
     minibatches: int = doc(1, "policy updates per rollout batch (the batch is split into this many)")
@@ -218,7 +231,22 @@ class AlgoConfig:
         check_positive(f"{prefix}.std_eps", self.std_eps)
         check_range(f"{prefix}.clip_low", self.clip_low, 0.0, 1.0)
         check_positive(f"{prefix}.clip_high", self.clip_high)
-        check_choice(f"{prefix}.loss_agg", self.loss_agg, ("token_mean", "seq_mean"))
+        check_choice(f"{prefix}.loss_agg", self.loss_agg, ("token_mean", "seq_mean", "seq_sum_norm"))
+        check_positive(f"{prefix}.loss_norm_tokens", self.loss_norm_tokens, allow_zero=True)
+        check_choice(f"{prefix}.correction", self.correction, ("none", "tis", "mis", "acr"))
+        levels = {"tis": ("token", "sequence"), "acr": ("token",)}  # none ignores the level
+        check_choice(
+            f"{prefix}.correction_level",
+            self.correction_level,
+            levels.get(self.correction, ("token", "sequence", "geometric")),
+        )
+        if not self.correction_cap > 1.0:
+            raise ConfigError(f"{prefix}.correction_cap={self.correction_cap} must be > 1")
+        check_positive(f"{prefix}.kl_coef", self.kl_coef, allow_zero=True)
+        check_choice(f"{prefix}.kl_estimator", self.kl_estimator, ("k1", "k3"))
+        check_positive(f"{prefix}.entropy_coef", self.entropy_coef, allow_zero=True)
+        check_positive(f"{prefix}.overlong_buffer", self.overlong_buffer, allow_zero=True)
+        check_positive(f"{prefix}.overlong_penalty", self.overlong_penalty, allow_zero=True)
         check_positive(f"{prefix}.dynamic_sampling_max_attempts", self.dynamic_sampling_max_attempts)
         check_positive(f"{prefix}.minibatches", self.minibatches)
         check_positive(f"{prefix}.epochs", self.epochs)
@@ -275,6 +303,11 @@ class QRLConfig:
             raise ConfigError(
                 f"learner.micro_batch_size={self.learner.micro_batch_size} must divide the {per_rank} sequences "
                 f"each DP rank gets per update"
+            )
+        if self.algo.overlong_buffer >= self.rollout.max_new_tokens:
+            raise ConfigError(
+                f"algo.overlong_buffer={self.algo.overlong_buffer} must be smaller than "
+                f"rollout.max_new_tokens={self.rollout.max_new_tokens}"
             )
         if self.warmstart.batch_size % self.learner.dp:
             raise ConfigError(f"warmstart.batch_size must be divisible by learner.dp={self.learner.dp}")

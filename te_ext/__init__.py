@@ -60,8 +60,9 @@ def quantize(tensor: torch.Tensor, fmt: str, **options: Any) -> QuantizedTensor:
       ``block_2d``, ``hadamard``, ``hadamard_seed``, ``pad``, ``arith``
     * ``mxfp4``: ``scale_rounding`` ("even" | "floor"), ``stochastic_rounding``, ``seed``, ``generator``, ``pad``,
       ``arith``
-    * ``fp8``: ``granularity`` ("tensor" | "channel" | "block"), ``block`` (default (128, 128)), ``arith``
-    * ``int8``: ``granularity`` ("channel" | "tensor"), ``arith``
+    * ``fp8``: ``granularity`` ("tensor" | "channel" | "block"), ``block`` (default (128, 128)), ``arith``,
+      ``row_amax`` (channel: given per-row maxima, e.g. all-reduced over the TP shards of a row-split weight)
+    * ``int8``: ``granularity`` ("channel" | "tensor"), ``arith``, ``row_amax`` (as fp8)
 
     ``arith`` is "compressed_tensors" or "vllm": which reference's floating-point operation order to follow
     (default: compressed-tensors for nvfp4/mxfp4/fp8, vLLM/DESIGN for int8).

@@ -264,8 +264,13 @@ def quantize_rows(
     out: torch.Tensor,
     scale_from_amax: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    row_amax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row (per-channel / per-token) quantization into ``out``; returns the ``[rows, 1]`` scales.
+
+    ``row_amax`` (``[rows]`` or ``[rows, 1]``) replaces the rows' own absolute maxima: a weight split along its
+    input dimension across tensor-parallel ranks quantizes each shard with the all-reduced (MAX) row maxima and
+    gets exactly the codes and scales of the whole row.
 
     ``scale_from_amax(amax [r, 1] float32) -> (scale, multiplier)`` (elementwise, so the result does not depend
     on how rows are grouped) and ``apply(y float32 tile, multiplier rows) -> values`` (may modify y in place).
@@ -273,7 +278,11 @@ def quantize_rows(
     """
     rows, k = x2.shape
     work = tiles(rows, k, device=x2.device)
-    if not work or work[0][1] == slice(0, k):
+    if row_amax is not None:
+        if row_amax.numel() != rows:
+            raise ValueError(f"row_amax has {row_amax.numel()} values for {rows} rows")
+        scale, mult = scale_from_amax(row_amax.reshape(rows, 1).to(device=x2.device, dtype=torch.float32))
+    elif not work or work[0][1] == slice(0, k):
         scale = torch.empty(rows, 1, dtype=torch.float32, device=x2.device)
 
         def one_pass(_: int, t: Tile) -> None:
@@ -285,7 +294,8 @@ def quantize_rows(
 
         parallel_tiles(one_pass, work, x2.device)
         return scale
-    scale, mult = scale_from_amax(row_absmax(x2))
+    else:
+        scale, mult = scale_from_amax(row_absmax(x2))
 
     def second_pass(_: int, t: Tile) -> None:
         rs, cs = t

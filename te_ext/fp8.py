@@ -83,8 +83,11 @@ def quantize(
     granularity: str = "channel",
     block: tuple[int, int] = FP8_DEFAULT_BLOCK,
     arith: str = "compressed_tensors",
+    row_amax: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     check_input(x, _FMT)
+    if row_amax is not None and granularity != "channel":
+        raise ValueError("te_ext.quantize(fmt='fp8'): row_amax applies to granularity='channel' only")
     check_arith(arith, _FMT)
     if granularity not in GRANULARITIES:
         raise ValueError(f"te_ext.quantize(fmt='fp8'): granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -114,7 +117,9 @@ def quantize(
             return s, s
 
         codes = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
-        scale = quantize_rows(x2, codes, scale_from_amax, lambda y, s: y.div_(s).clamp_(-E4M3_MAX, E4M3_MAX))
+        scale = quantize_rows(
+            x2, codes, scale_from_amax, lambda y, s: y.div_(s).clamp_(-E4M3_MAX, E4M3_MAX), row_amax=row_amax
+        )
         check_finite_amax(scale, x, _FMT)
         return QuantizedTensor(
             fmt=_FMT, codes=codes.reshape(shape), scales={"weight_scale": scale}, shape=torch.Size(shape), options=opts

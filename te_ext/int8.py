@@ -36,8 +36,12 @@ GRANULARITIES = ("channel", "tensor")
 
 
 @cpu_serial
-def quantize(x: torch.Tensor, *, granularity: str = "channel", arith: str = "vllm") -> QuantizedTensor:
+def quantize(
+    x: torch.Tensor, *, granularity: str = "channel", arith: str = "vllm", row_amax: torch.Tensor | None = None
+) -> QuantizedTensor:
     check_input(x, _FMT)
+    if row_amax is not None and granularity != "channel":
+        raise ValueError("te_ext.quantize(fmt='int8'): row_amax applies to granularity='channel' only")
     check_arith(arith, _FMT)
     if granularity not in GRANULARITIES:
         raise ValueError(
@@ -58,7 +62,7 @@ def quantize(x: torch.Tensor, *, granularity: str = "channel", arith: str = "vll
 
     codes = torch.empty(rows, k, dtype=torch.int8, device=x.device)
     if granularity == "channel":
-        scale = quantize_rows(x2, codes, scale_from_amax, apply)
+        scale = quantize_rows(x2, codes, scale_from_amax, apply, row_amax=row_amax)
         check_finite_amax(scale, x, _FMT)
     else:
         amax = tensor_absmax(x2)

@@ -20,6 +20,7 @@ class TokenBatch:
     advantages: torch.Tensor  # [B] float
     rollout_logprobs: torch.Tensor  # [B, S] float: behaviour-policy (engine) logprobs of the labels
     old_logprobs: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [B, S]: learner before the update
+    ref_logprobs: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [B, S]: reference policy (KL)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -6,6 +6,8 @@ callables unless VLLM_ALLOW_INSECURE_SERIALIZATION=1).
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class QRLWorkerExtension:
     model_runner: object  # provided by the vLLM worker this class is mixed into
@@ -27,25 +29,28 @@ class QRLWorkerExtension:
         return len(named_tensors)
 
     def _refresh_tied_lm_head(self) -> None:
-        """Re-derive the tied lm_head's kernel state from the (reloaded) embedding.
-
-        With tied embeddings vLLM's lm_head shares the embedding's weight but is a module of its own; on CPU its
-        `process_weights_after_loading` pre-packs that weight for oneDNN. The in-place reload only re-processes
-        modules that received weights, so the lm_head kept the *old* packed copy (measured: a reload that changed
-        only the embedding left logprobs 0.6 nats off the new weights, 1e-2 — bf16 rounding — after this refresh).
-        """
-        model = self.model_runner.get_model()  # type: ignore[attr-defined]
-        lm_head = getattr(model, "lm_head", None)
-        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-        if lm_head is None or embed is None or lm_head is embed:
-            return
-        if lm_head.weight.data_ptr() != embed.weight.data_ptr():
-            return  # untied: the lm_head received its own weights and was re-processed
-        method = getattr(lm_head, "quant_method", None)
-        if method is not None and hasattr(method, "process_weights_after_loading"):
-            method.process_weights_after_loading(lm_head)
+        refresh_tied_lm_head(self.model_runner.get_model())  # type: ignore[attr-defined]
 
     def qrl_parameter_checksums(self) -> dict[str, float]:
         """float64 sum of every engine parameter (vLLM names): a cheap fingerprint of what the engine holds."""
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         return {name: float(p.detach().double().sum()) for name, p in model.named_parameters()}
+
+
+def refresh_tied_lm_head(model: Any) -> None:
+    """Re-derive the tied lm_head's kernel state from the (reloaded) embedding.
+
+    With tied embeddings vLLM's lm_head shares the embedding's weight but is a module of its own; on CPU its
+    `process_weights_after_loading` pre-packs that weight for oneDNN. The in-place reload only re-processes
+    modules that received weights, so the lm_head kept the *old* packed copy (measured: a reload that changed
+    only the embedding left logprobs 0.6 nats off the new weights, 1e-2 — bf16 rounding — after this refresh).
+    """
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if lm_head is None or embed is None or lm_head is embed:
+        return
+    if lm_head.weight.data_ptr() != embed.weight.data_ptr():
+        return  # untied: the lm_head received its own weights and was re-processed
+    method = getattr(lm_head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(lm_head)
