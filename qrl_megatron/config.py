@@ -177,12 +177,17 @@ class LearnerConfig:
         return self.tp * self.pp * self.dp
 
 
-ROLLOUT_QUANT_FORMATS = ("bf16",)
+ROLLOUT_QUANT_FORMATS = ("bf16", "nvfp4", "fp8", "int8")
 
 
 @dataclass
 class RolloutConfig:
-    quant: str = doc("bf16", "number format of the rollout engine's weights")
+    quant: str = doc(
+        "bf16", "number format of the engine's linear weights: bf16, nvfp4 (W4A16), fp8 (W8A8 per channel), int8 (W8A8)"
+    )
+    engine: str = doc("colocated", "colocated: vLLM in the trainer's process tree; server: a `vllm serve` over HTTP")
+    server_url: str = doc("", "engine=server: URL of a running `vllm serve` (empty: start one on loopback)")
+    tp: int = doc(1, "tensor-parallel size of the vLLM engine (it reshards the full tensors the bridge sends)")
     prompts_per_step: int = doc(32, "prompts per RL step")
     samples_per_prompt: int = doc(8, "completions per prompt (the GRPO group size)")
     max_new_tokens: int = doc(8, "longest completion in tokens")
@@ -193,6 +198,10 @@ class RolloutConfig:
 
     def validate(self, prefix: str = "rollout") -> None:
         check_choice(f"{prefix}.quant", self.quant, ROLLOUT_QUANT_FORMATS)
+        check_choice(f"{prefix}.engine", self.engine, ("colocated", "server"))
+        check_positive(f"{prefix}.tp", self.tp)
+        if self.server_url and not self.server_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{prefix}.server_url must start with http:// or https://, got {self.server_url!r}")
         check_positive(f"{prefix}.prompts_per_step", self.prompts_per_step)
         check_positive(f"{prefix}.samples_per_prompt", self.samples_per_prompt)
         check_positive(f"{prefix}.max_new_tokens", self.max_new_tokens)
@@ -254,10 +263,32 @@ class AlgoConfig:
 
 @dataclass
 class SyncConfig:
-    method: str = doc("full", "weight sync learner -> engine: full (gathered bf16 weights, in-place reload)")
+    method: str = doc("bridge", "bridge: plan -> gather/quantize -> bucketed stream -> verify; full: bf16 v0 reload")
+    bucket_mib: float = doc(64.0, "largest bucket streamed at once in MiB (bounds the extra memory of a sync)")
+    exclude: list[str] = doc(
+        text="regexes on HF names of linears kept in bf16 (embeddings, lm_head, norms and biases always are)",
+        factory=list,
+    )
+    verify_checksums: bool = doc(True, "engine checks a CRC-32 of every received tensor before loading it")
+    probe_every: int = doc(10, "logprob probe (engine vs dequantized reference forward) every N syncs (0: off)")
+    probe_tolerance: float = doc(0.15, "largest allowed probe |logprob gap| in nats before the run stops")
+    probe_sequences: int = doc(4, "held-out prompt+answer sequences the probe scores")
 
     def validate(self, prefix: str = "sync") -> None:
-        check_choice(f"{prefix}.method", self.method, ("full",))
+        import re
+
+        check_choice(f"{prefix}.method", self.method, ("bridge", "full"))
+        check_positive(f"{prefix}.bucket_mib", self.bucket_mib)
+        for i, pattern in enumerate(self.exclude):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(
+                    f"{prefix}.exclude[{i}] = {pattern!r} is not a valid regular expression: {e}"
+                ) from None
+        check_positive(f"{prefix}.probe_every", self.probe_every, allow_zero=True)
+        check_positive(f"{prefix}.probe_tolerance", self.probe_tolerance)
+        check_positive(f"{prefix}.probe_sequences", self.probe_sequences)
 
 
 @dataclass

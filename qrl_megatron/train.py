@@ -25,6 +25,7 @@ from qrl_megatron.metrics.logger import MetricsLogger
 from qrl_megatron.models.base import load_hf_weights, load_tokenizer, prepare_base_model, sequence_length
 from qrl_megatron.models.registry import load_spec
 from qrl_megatron.platform import destroy_distributed, init_distributed
+from qrl_megatron.rollout.engines import make_engine
 from qrl_megatron.rollout.stage import RolloutDriver, RolloutResult
 
 T = TypeVar("T")
@@ -53,22 +54,25 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     learner = Learner(
         spec, layout, cfg.learner, load_hf_weights(policy_dir), cfg.learner.lr, seq_length, cfg.rollout.temperature
     )
-    sync = make_weight_sync(cfg.sync)
-    loss_fn = grpo_loss(cfg.algo)
+    sync = make_weight_sync(cfg, spec, policy_dir, _probe_sequences(task, tokenizer, cfg), layout.rank == 0)
+    loss_fn = grpo_loss(cfg.algo, max_new_tokens=cfg.rollout.max_new_tokens)
 
     # rank 0 drives the engine and writes the logs; the other ranks are pure learner
     driver: RolloutDriver | None = None
     logger: MetricsLogger | None = None
     evals: dict[str, Any] = {}
     if layout.rank == 0:
-        from qrl_megatron.rollout.vllm_engine import VLLMEngine
-
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        engine = VLLMEngine(str(policy_dir), cfg.rollout, seed=cfg.seed, max_model_len=seq_length)
+        engine = make_engine(cfg, policy_dir, seq_length, getattr(sync, "plan", None))
         driver = RolloutDriver(engine, cfg, task, seq_length, tokenizer.pad_token_id)
         logger = MetricsLogger(run_dir, cfg.run.tensorboard, cfg.run.progress, cfg.trainer.max_steps)
+    # step-0 sync: the engine starts from exactly what the bridge streams (the learner's weights, rollout format)
+    initial_sync = sync(learner, driver.engine if driver else None, 0)
+    if driver:
+        print("initial sync: " + ", ".join(f"{k}={v:.4g}" for k, v in initial_sync.items()), flush=True)
+        evals["initial_sync"] = initial_sync
         evals["before"] = driver.evaluate()
         print(f"held-out greedy accuracy before RL: {evals['before']['accuracy']:.3f}", flush=True)
 
@@ -120,14 +124,30 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     return evals or None
 
 
+def _probe_sequences(task: Any, tokenizer: Any, cfg: QRLConfig) -> list[list[int]]:
+    """Fixed held-out prompt + answer token sequences for the bridge's logprob probe."""
+    rows = list(task["eval"])[: cfg.sync.probe_sequences]
+    return [list(tokenizer(row["prompt"] + row["answer"])["input_ids"]) for row in rows]
+
+
 def _mismatch_sums(local: TokenBatch, out: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """Sums for the |learner - rollout| logprob gap and learner entropy on sampled tokens (last stage only)."""
+    """Sums (and maxima) comparing the learner's proximal logprobs with the engine's, on sampled tokens.
+
+    With r = pi_old / pi_q on tokens sampled from the engine pi_q: E_q[r log r] estimates KL(pi_old || pi_q) and
+    E_q[r - 1 - log r] (k3) estimates KL(pi_q || pi_old). Only the last pipeline stage has logprobs.
+    """
     if out is None:
         return {}
     logp, entropy = out
     mask = local.loss_mask
+    log_ratio = (logp - local.rollout_logprobs) * mask
+    ratio = torch.exp(log_ratio)
     return {
-        "logprob_diff_abs_sum": ((logp - local.rollout_logprobs).abs() * mask).sum(),
+        "logprob_diff_abs_sum": (log_ratio.abs() * mask).sum(),
+        "logprob_diff_abs_max": (log_ratio.abs() * mask).max() if mask.any() else torch.zeros(()),
+        "kl_old_q_sum": (ratio * log_ratio * mask).sum(),
+        "kl_q_old_sum": ((ratio - 1 - log_ratio) * mask).sum(),
+        "rollout_entropy_sum": (-local.rollout_logprobs * mask).sum(),
         "entropy_sum": (entropy * mask).sum(),
         "tokens": mask.sum(),
     }
@@ -141,15 +161,23 @@ def _step_metrics(
     sync_metrics: dict[str, float],
 ) -> dict[str, float]:
     tokens = max(probe.get("tokens", 0.0), 1.0)
+    update_tokens = max(sum(u["tokens"] for u in updates), 1.0)
     metrics = dict(rollout_metrics)
     metrics.update(
         time_train_s=train_seconds,
         logprob_diff_abs_mean=probe.get("logprob_diff_abs_sum", 0.0) / tokens,
+        logprob_diff_abs_max=probe.get("logprob_diff_abs_max", 0.0),
+        mismatch_kl=probe.get("kl_old_q_sum", 0.0) / tokens,
+        mismatch_kl_k3=probe.get("kl_q_old_sum", 0.0) / tokens,
         entropy=probe.get("entropy_sum", 0.0) / tokens,
+        rollout_entropy=probe.get("rollout_entropy_sum", 0.0) / tokens,
         loss=sum(u["loss"] for u in updates) / len(updates),
         grad_norm=updates[-1]["grad_norm"],
-        clip_fraction=sum(u["clipped_tokens"] for u in updates) / max(sum(u["tokens"] for u in updates), 1.0),
+        clip_fraction=sum(u["clipped_tokens"] for u in updates) / update_tokens,
+        masked_fraction=sum(u.get("masked_tokens", 0.0) for u in updates) / update_tokens,
+        is_weight_mean=sum(u.get("is_weight_sum", 0.0) for u in updates) / update_tokens,
+        is_weight_max=max(u.get("is_weight_max", 0.0) for u in updates),
         **sync_metrics,
     )
-    metrics["time_step_s"] = metrics["time_rollout_s"] + train_seconds + metrics["time_sync_s"]
+    metrics["time_step_s"] = metrics["time_rollout_s"] + train_seconds + metrics.get("sync_seconds", 0.0)
     return metrics

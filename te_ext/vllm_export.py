@@ -48,6 +48,8 @@ __all__ = [
     "EXPORT_FORMATS",
     "FUSED_GROUPS",
     "ExportSpec",
+    "checkpoint_layout",
+    "dequantize_checkpoint",
     "dequantized_state_dict",
     "export_quantized_checkpoint",
     "quantization_config",
@@ -256,6 +258,64 @@ def _quantization_config(spec: ExportSpec, ignore_modules: Iterable[str] = ()) -
     if version is not None:
         config["version"] = version
     return config
+
+
+def checkpoint_layout(fmt: str, shape: tuple[int, ...] | list[int]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """``(suffix, shape, dtype)`` of the checkpoint tensors one ``[N, K]`` linear weight becomes in ``fmt``.
+
+    The same tensors, in the same order, as ``quantize(w, fmt).state_dict(prefix)`` for the formats the weight
+    bridge streams (``nvfp4``, per-channel ``fp8``, ``int8``), known without quantizing anything: what lets the
+    bridge plan its buckets and the receiver allocate its buffers ahead of the data.
+    """
+    if len(shape) != 2:
+        raise ValueError(f"checkpoint_layout: a linear weight is 2-D, got shape {tuple(shape)}")
+    n, k = (int(x) for x in shape)
+    if fmt == "nvfp4":
+        if k % 16:
+            raise ValueError(f"NVFP4 needs the input dimension to be a multiple of 16, got {k}")
+        return [
+            ("weight_packed", (n, k // 2), torch.uint8),
+            ("weight_scale", (n, k // 16), torch.float8_e4m3fn),
+            ("weight_global_scale", (1,), torch.float32),
+        ]
+    if fmt in ("fp8", "int8"):
+        dtype = torch.float8_e4m3fn if fmt == "fp8" else torch.int8
+        return [("weight", (n, k), dtype), ("weight_scale", (n, 1), torch.float32)]
+    raise ValueError(f"checkpoint_layout: format must be one of {EXPORT_FORMATS}, got {fmt!r}")
+
+
+def dequantize_checkpoint(
+    tensors: Mapping[str, torch.Tensor], fmt: str, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors (as :func:`quantize_state_dict` writes them, or a part of them) -> HF-named weights.
+
+    The inverse direction of the bridge's wire format for ``nvfp4`` / per-channel ``fp8`` / ``int8``: quantized
+    linears are decoded the way vLLM decodes them (``QuantizedTensor.dequantize``), everything else is cast.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"dequantize_checkpoint: format must be one of {EXPORT_FORMATS}, got {fmt!r}")
+    code_suffix = "weight_packed" if fmt == "nvfp4" else "weight"
+    scale_names = ("weight_scale", "weight_global_scale") if fmt == "nvfp4" else ("weight_scale",)
+    quantized_dtypes = (torch.uint8,) if fmt == "nvfp4" else (torch.float8_e4m3fn, torch.int8)
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for name, t in tensors.items():
+        if not name.endswith("." + code_suffix) or t.dtype not in quantized_dtypes:
+            continue
+        module = name[: -len(code_suffix) - 1]
+        missing = [f"{module}.{s}" for s in scale_names if f"{module}.{s}" not in tensors]
+        if missing:
+            raise ValueError(f"dequantize_checkpoint: {name} comes without {missing}")
+        scales = {s: tensors[f"{module}.{s}"] for s in scale_names}
+        n, k = t.shape[0], t.shape[1] * (2 if fmt == "nvfp4" else 1)
+        options = {} if fmt == "nvfp4" else {"granularity": "channel"}
+        qt = QuantizedTensor(fmt, t, scales, torch.Size((n, k)), options)
+        out[f"{module}.weight"] = qt.dequantize(dtype)
+        used.update({name, *(f"{module}.{s}" for s in scale_names)})
+    for name, t in tensors.items():
+        if name not in used:
+            out[name] = t.to(dtype)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------

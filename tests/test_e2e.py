@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_METRICS = (
-    "step", "reward_mean", "accuracy", "time_rollout_s", "time_train_s", "time_sync_s", "rollout_tokens_per_s",
+    "step", "reward_mean", "accuracy", "time_rollout_s", "time_train_s", "sync_seconds", "rollout_tokens_per_s",
     "entropy", "logprob_diff_abs_mean",
 )  # fmt: skip
 # bf16 engine vs fp32 learner on the same weights: measured 0.004-0.013 nats per token on the tiny model.
@@ -50,7 +50,7 @@ def test_default_recipe_trains_and_writes_outputs(tmp_path: Path, cache_dir: Pat
     for row in rows:
         assert set(REQUIRED_METRICS) <= row.keys()
         assert 0.0 <= row["reward_mean"] <= 1.0
-        assert row["rollout_tokens_per_s"] > 0 and row["time_sync_s"] > 0
+        assert row["rollout_tokens_per_s"] > 0 and row["sync_seconds"] > 0
         # bf16 rollout ~= learner: the engine's processed logprobs agree with Megatron's on the sampled tokens
         assert 0.0 < row["logprob_diff_abs_mean"] < MAX_LOGPROB_GAP
         assert row["sync_bytes"] > 0

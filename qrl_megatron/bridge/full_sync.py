@@ -13,10 +13,10 @@ class FullWeightSync:
     def __call__(self, learner: Any, engine: Any | None, step: int) -> dict[str, float]:
         start = time.perf_counter()
         weights = learner.gather_hf_weights(dtype=torch.bfloat16, dst=0)
-        sent = 0.0
-        if dist.get_rank() == 0:
-            assert weights is not None and engine is not None
-            engine.load_weights(weights)
-            sent = float(sum(t.numel() * t.element_size() for t in weights.values()))
+        if dist.get_rank() != 0:
+            return {}
+        assert weights is not None and engine is not None
+        engine.load_weights(weights)
+        sent = float(sum(t.numel() * t.element_size() for t in weights.values()))
         seconds = time.perf_counter() - start
-        return {"time_sync_s": seconds, "sync_bytes": sent}
+        return {"sync_seconds": seconds, "sync_bytes": sent, "sync_gbps": sent / max(seconds, 1e-9) / 1e9}

@@ -171,7 +171,7 @@ class Learner:
 
         def loss_func(mb: TokenBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             logp, entropy = token_logprobs_and_entropy(logits, mb.labels, self.temperature)
-            loss, metrics = loss_fn(logp, mb, total_tokens=total_tokens, total_seqs=total_seqs)  # type: ignore[call-arg]
+            loss, metrics = loss_fn(logp, mb, total_tokens=total_tokens, total_seqs=total_seqs, entropy=entropy)  # type: ignore[call-arg]
             metrics = {**metrics, "loss": loss.detach().clone(), "entropy_sum": (entropy.detach() * mb.loss_mask).sum()}
             return loss * undo, metrics
 
@@ -224,13 +224,22 @@ class Learner:
                 group=parallel_state.get_pipeline_model_parallel_group(),
             )
         names = payload[0]
-        values = torch.zeros(len(names), dtype=torch.float64)
+        # names ending in "_max" are maxima (e.g. the largest importance weight) and reduce with MAX, the rest sum
+        is_max = torch.tensor([n.endswith("_max") for n in names], dtype=torch.bool)
+        values = torch.where(is_max, -math.inf, 0.0).to(torch.float64)
         if self.layout.is_last_stage:
             for out in outputs:
-                values += torch.stack([out[n].double().reshape(()) for n in names])
-        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+                row = torch.stack([out[n].double().reshape(()) for n in names]) if names else values
+                values = torch.where(is_max, torch.maximum(values, row), values + row)
+        sums = torch.where(is_max, 0.0, values).to(torch.float64)
+        maxima = torch.where(is_max, values, -math.inf).to(torch.float64)
+        groups = [parallel_state.get_data_parallel_group()]
         if self.layout.pp > 1:
-            dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+            groups.append(parallel_state.get_pipeline_model_parallel_group())
+        for group in groups:
+            dist.all_reduce(sums, group=group)
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+        values = torch.where(is_max, maxima, sums)
         return dict(zip(names, values.tolist(), strict=True))
 
     def gather_hf_weights(

@@ -14,7 +14,7 @@ PROGRESS_FIELDS = (
     ("accuracy", "acc {:.3f}"),
     ("time_rollout_s", "rollout {:.2f}s"),
     ("time_train_s", "train {:.2f}s"),
-    ("time_sync_s", "sync {:.2f}s"),
+    ("sync_seconds", "sync {:.2f}s"),
     ("rollout_tokens_per_s", "{:.0f} tok/s"),
     ("logprob_diff_abs_mean", "|Δlogp| {:.4f}"),
 )

@@ -31,6 +31,8 @@ from qrl_megatron.models.registry import ModelSpec
 
 __all__ = [
     "hf_to_megatron",
+    "megatron_param_shapes",
+    "megatron_param_to_hf",
     "megatron_to_hf",
     "megatron_layer_index",
     "pp_layer_offset",
@@ -397,3 +399,81 @@ def unshard_from_tp(name: str, shards: list[torch.Tensor], spec: ModelSpec) -> t
     if kind == "row":
         return torch.cat(shards, dim=1)
     raise AssertionError(kind)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One parameter at a time (the resharding bridge streams parameter by parameter)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def megatron_param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every Megatron parameter (local-spec names, global layers) and its full shape, in canonical order.
+
+    Layer by layer in the order of :func:`megatron_to_hf` (embedding, layers 0..L-1, final norm, output layer), so a
+    stream of these parameters reaches the engine layer by layer; within a layer the fused QKV bias follows the
+    QKV weight (HF interleaves q.weight, q.bias, k.weight, ...), which loading by name does not care about. No ``output_layer`` with tied embeddings.
+    """
+    h, d, f, v = spec.hidden_size, spec.kv_channels, spec.ffn_hidden_size, spec.vocab_size
+    qkv_rows = (spec.num_attention_heads + 2 * spec.num_query_groups) * d
+    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (v, h)}
+    for i in range(spec.num_layers):
+        p = f"decoder.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attention.linear_qkv.weight"] = (qkv_rows, h)
+        if spec.qkv_bias:
+            shapes[p + "self_attention.linear_qkv.bias"] = (qkv_rows,)
+        shapes[p + "self_attention.linear_proj.weight"] = (h, spec.num_attention_heads * d)
+        shapes[p + "pre_mlp_layernorm.weight"] = (h,)
+        shapes[p + "mlp.linear_fc1.weight"] = (2 * f, h)
+        shapes[p + "mlp.linear_fc2.weight"] = (h, f)
+    shapes["decoder.final_layernorm.weight"] = (h,)
+    if not spec.tie_word_embeddings:
+        shapes["output_layer.weight"] = (v, h)
+    return shapes
+
+
+_MG_TO_HF_TOP = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+_MG_TO_HF_FUSED = {
+    "self_attention.linear_qkv.weight": (
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+    ),
+    "self_attention.linear_qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+
+
+def megatron_param_hf_names(name: str) -> tuple[str, ...]:
+    """The HF tensor names one Megatron parameter becomes (three for the fused QKV, two for fc1, else one)."""
+    name = to_local_spec_norm_name(name)
+    if name in _MG_TO_HF_TOP:
+        return (_MG_TO_HF_TOP[name],)
+    i, rest = megatron_layer_index(name)
+    if i is None:
+        raise ValueError(f"no HF name for Megatron parameter {name!r}")
+    if rest in _MG_TO_HF_FUSED:
+        return tuple(f"model.layers.{i}.{r}" for r in _MG_TO_HF_FUSED[rest])
+    if rest in _MG_TO_HF_SIMPLE:
+        return (f"model.layers.{i}.{_MG_TO_HF_SIMPLE[rest]}",)
+    raise ValueError(f"no HF name for Megatron parameter {name!r}")
+
+
+def megatron_param_to_hf(name: str, tensor: torch.Tensor, spec: ModelSpec) -> list[tuple[str, torch.Tensor]]:
+    """Split one full Megatron parameter into its HF tensors (names from :func:`megatron_param_hf_names`).
+
+    Splitting acts on dim 0 only, so it applies unchanged to anything laid out row by row like the weight: the
+    packed codes ``[N, K/2]`` and block scales ``[N, K/16]`` of an NVFP4 weight, or the ``[N, 1]`` per-channel
+    scales of FP8/INT8 -- which is what lets the bridge quantize before it splits.
+    """
+    names = megatron_param_hf_names(name)
+    if len(names) == 1:
+        return [(names[0], tensor)]
+    if len(names) == 3:
+        return list(zip(names, _split_qkv(tensor, spec), strict=True))
+    gate, up = tensor.chunk(2, dim=0)
+    return [(names[0], gate), (names[1], up)]

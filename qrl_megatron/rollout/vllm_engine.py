@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from qrl_megatron.config import RolloutConfig
+from qrl_megatron.rollout.weight_transfer import BACKEND as WEIGHT_TRANSFER_BACKEND
 
 # Variables torchrun sets for the learner; the engine core is a separate process with a torch.distributed world
 # of its own, and inheriting these makes it join (and hang on) the learner's rendezvous.
@@ -39,6 +40,28 @@ def _engine_environment() -> Iterator[None]:
 
 def _shared_memory_dir() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+@contextmanager
+def write_bucket(tensors: Mapping[str, torch.Tensor]) -> Iterator[str]:
+    """A bucket as a safetensors file in shared memory, removed when the engine has loaded it."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(dir=_shared_memory_dir(), prefix="qrl-bucket-") as tmp:
+        path = os.path.join(tmp, "bucket.safetensors")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+        yield path
+
+
+def raise_verification_error(error: Exception) -> None:
+    """Re-raise an engine-side checksum failure (it arrives wrapped in vLLM's RPC error) as WeightVerificationError."""
+    from qrl_megatron.bridge.checksum import WeightVerificationError
+
+    text = str(error)
+    marker = "weight sync corrupted in transit"
+    if marker in text:
+        detail = text[text.index(marker) :].split("', please check")[0].rstrip("'\"")
+        raise WeightVerificationError(detail) from error
 
 
 @dataclass
@@ -72,8 +95,11 @@ class VLLMEngine:
                 logprobs_mode="processed_logprobs",
                 worker_extension_cls="qrl_megatron.rollout.worker_extension.QRLWorkerExtension",
                 enable_prefix_caching=True,
+                tensor_parallel_size=cfg.tp,
+                weight_transfer_config={"backend": WEIGHT_TRANSFER_BACKEND},
             )
         self.tokenizer = self.llm.get_tokenizer()
+        self.llm.collective_rpc("init_weight_transfer_engine", args=({"verify_checksums": True},))
 
     def generate(
         self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, step: int
@@ -137,6 +163,24 @@ class VLLMEngine:
             save_file({k: v.contiguous() for k, v in named_tensors.items()}, path)
             self.llm.collective_rpc("qrl_reload_weights_from_file", args=(path,))
         self.llm.reset_prefix_cache()
+
+    # -- weight transfer (vLLM's weight-transfer API, backend qrl_shm): start -> buckets -> finish ------------------
+
+    def start_weight_update(self) -> None:
+        self.llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
+        """Stream one bucket of checkpoint-format tensors; the engine verifies ``checksums`` before loading."""
+        with write_bucket(tensors) as path:
+            try:
+                self.llm.collective_rpc("update_weights", args=({"path": path, "checksums": dict(checksums)},))
+            except Exception as e:
+                raise_verification_error(e)
+                raise
+
+    def finish_weight_update(self) -> None:
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.reset_prefix_cache()  # cached prefixes hold KV computed with the old weights
 
     def parameter_checksums(self) -> dict[str, float]:
         return self.llm.collective_rpc("qrl_parameter_checksums")[0]

