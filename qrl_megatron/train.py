@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from qrl_megatron.algos.invariant_scaling import apply_invariant_scaling
 from qrl_megatron.algos.policy_loss import grpo_loss
 from qrl_megatron.bridge.base import make_weight_sync
 from qrl_megatron.config import QRLConfig, to_dict
@@ -25,6 +26,7 @@ from qrl_megatron.metrics.logger import MetricsLogger
 from qrl_megatron.models.base import load_hf_weights, load_tokenizer, prepare_base_model, sequence_length
 from qrl_megatron.models.registry import load_spec
 from qrl_megatron.platform import destroy_distributed, init_distributed
+from qrl_megatron.rollout.aqn import AdaptiveQuantizationNoise
 from qrl_megatron.rollout.engines import make_engine
 from qrl_megatron.rollout.stage import RolloutDriver, RolloutResult
 
@@ -51,9 +53,11 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         policy_dir = run_warmstart(
             cfg, spec, layout, base_dir, base_weights, list(task["train"]), tokenizer, seq_length
         )
-    learner = Learner(
-        spec, layout, cfg.learner, load_hf_weights(policy_dir), cfg.learner.lr, seq_length, cfg.rollout.temperature
-    )
+    policy_weights = load_hf_weights(policy_dir)
+    scaling = cfg.algo.invariant_scaling
+    if scaling.s != 1 and cfg.rollout.quant != "bf16":  # QuRL invariant scaling, once, on the weights RL starts from
+        policy_weights = apply_invariant_scaling(policy_weights, scaling.s, scaling.targets)
+    learner = Learner(spec, layout, cfg.learner, policy_weights, cfg.learner.lr, seq_length, cfg.rollout.temperature)
     sync = make_weight_sync(cfg, spec, policy_dir, _probe_sequences(task, tokenizer, cfg), layout.rank == 0)
     loss_fn = grpo_loss(cfg.algo, max_new_tokens=cfg.rollout.max_new_tokens)
 
@@ -75,6 +79,8 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         evals["initial_sync"] = initial_sync
         evals["before"] = driver.evaluate()
         print(f"held-out greedy accuracy before RL: {evals['before']['accuracy']:.3f}", flush=True)
+    aqn = AdaptiveQuantizationNoise(cfg.algo.aqn, cfg.trainer.max_steps, cfg.seed)
+    aqn_sigma = 0.0  # the first rollout is in AQN stage 0 (no noise)
 
     rl_start, step = time.perf_counter(), 0
     for step in range(1, cfg.trainer.max_steps + 1):
@@ -100,6 +106,9 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
             metrics["lr"] = lr
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
                 metrics["eval_accuracy"] = driver.evaluate()["accuracy"]
+            # QeRL AQN: noise on the engine's RMSNorm weights for the next rollout (the sync restored clean ones;
+            # the probe and the evaluation above saw the clean policy)
+            metrics["aqn_sigma"], aqn_sigma = aqn_sigma, aqn(driver.engine, step)
             logger.log(step, metrics)
         if cfg.trainer.max_time_s and _broadcast(time.perf_counter() - rl_start > cfg.trainer.max_time_s):
             break

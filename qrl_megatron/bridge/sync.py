@@ -77,7 +77,7 @@ class BridgeWeightSync:
         verify_checksums: bool = True,
         probe: LogprobProbe | None = None,
         probe_every: int = 0,
-        probe_tolerance: float = 0.15,
+        probe_tolerance: float = 0.05,
         dst: int = 0,
     ) -> None:
         self.plan, self.verify_checksums, self.dst = plan, verify_checksums, dst
@@ -136,10 +136,13 @@ class BridgeWeightSync:
             assert self.probe is not None
             gap_max, gap_mean = self.probe(engine, reference)
             metrics.update(probe_gap_max=gap_max, probe_gap_mean=gap_mean)
-            if not gap_max <= self.probe_tolerance:
+            # Gate on the mean: the max is dominated by bf16 rounding of large logits on unlikely tokens (measured on
+            # the warm-started tiny policy: bf16 engine mean 0.012 / max 0.078, NVFP4 mean 0.019 / max 0.16), while
+            # a mis-loaded or stale tensor shifts every token.
+            if not gap_mean <= self.probe_tolerance:
                 raise WeightVerificationError(
-                    f"logprob probe after the sync of step {step}: the engine is {gap_max:.4f} nats (mean "
-                    f"{gap_mean:.4f}) off a float32 forward of the weights it was sent, above sync.probe_tolerance="
+                    f"logprob probe after the sync of step {step}: the engine is {gap_mean:.4f} nats on average (max "
+                    f"{gap_max:.4f}) off a float32 forward of the weights it was sent, above sync.probe_tolerance="
                     f"{self.probe_tolerance}; the engine did not load what the learner sent"
                 )
         return metrics

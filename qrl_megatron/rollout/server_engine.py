@@ -14,7 +14,7 @@ HTTP routes used (vLLM 0.32):
 * ``POST /init_weight_transfer_engine``, ``/start_weight_update``, ``/update_weights``, ``/finish_weight_update``
   -- vLLM's weight-transfer API;
 * ``POST /reset_prefix_cache`` -- after every weight update (cached prefixes hold KV of the old weights);
-* ``POST /collective_rpc`` -- the worker-extension methods (``load_weights``, ``parameter_checksums``).
+* ``POST /collective_rpc`` -- the worker-extension methods (``load_weights``, ``parameter_checksums``, AQN noise).
 
 All but the first two exist only when the server runs with ``VLLM_SERVER_DEV_MODE=1`` (vLLM registers the RL and
 dev routers only then); a server we start gets it, one we connect to must have been started with it.
@@ -339,7 +339,7 @@ class VLLMServerEngine:
             time.sleep(0.25)
         raise ServerError("the vLLM server did not reset its prefix cache (requests still running?)")
 
-    def _collective_rpc(self, method: str, *args: str) -> list[Any]:
+    def _collective_rpc(self, method: str, *args: Any) -> list[Any]:
         return self._post("/collective_rpc", {"method": method, "args": list(args)})["results"]
 
     def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
@@ -370,6 +370,12 @@ class VLLMServerEngine:
 
     def parameter_checksums(self) -> dict[str, float]:
         return self._collective_rpc("qrl_parameter_checksums")[0]
+
+    def add_norm_noise(self, sigma: float, seed: int) -> dict[str, float]:
+        """QeRL AQN: N(0, sigma^2) noise on the decoder-layer RMSNorm weights until the next sync (rollout/aqn.py)."""
+        report = self._collective_rpc("qrl_add_norm_noise", float(sigma), int(seed))[0]
+        self._reset_prefix_cache()  # cached prefixes hold KV computed with the clean norms
+        return report
 
     def close(self, keep_log: bool = False) -> None:
         """Stop the server if this engine started it (its whole process group); a server we connected to stays."""

@@ -13,6 +13,7 @@ from qrl_megatron.algos.advantages import group_advantages
 from qrl_megatron.config import QRLConfig
 from qrl_megatron.learner.batch import TokenBatch, pack_sequences
 from qrl_megatron.rewards.arithmetic import exact_answer_reward
+from qrl_megatron.rewards.shaping import mask_truncated, overlong_penalty
 from qrl_megatron.rollout.vllm_engine import Completion, VLLMEngine
 
 
@@ -83,8 +84,14 @@ def rollout(
         )
         seconds += time.perf_counter() - start
         tokens += sum(len(c.token_ids) for c in completions)
-        rewards = score(completions, answers)
-        sampled_rewards.append(rewards)
+        task_rewards = score(completions, answers)
+        sampled_rewards.append(task_rewards)
+        rewards = task_rewards + overlong_penalty(  # DAPO soft overlong punishment (zero when overlong_buffer=0)
+            [len(c.token_ids) for c in completions],
+            cfg.rollout.max_new_tokens,
+            cfg.algo.overlong_buffer,
+            cfg.algo.overlong_penalty,
+        )
         for g in range(len(prompts)):
             group, group_rewards = completions[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n]
             informative = not cfg.algo.dynamic_sampling or bool(group_rewards.max() > group_rewards.min())
@@ -101,6 +108,8 @@ def rollout(
         advantages=advantages,
         rollout_logprobs=[c.rollout_logprobs for c in completions],
     )
+    if cfg.algo.mask_truncated:  # DAPO overlong filtering: truncated completions teach nothing about the answer
+        batch.loss_mask = mask_truncated(batch.loss_mask, [c.finished for c in completions])
     all_rewards = torch.cat(sampled_rewards)
     all_groups = all_rewards.view(-1, n)
     metrics = {

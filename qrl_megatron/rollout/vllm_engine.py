@@ -185,6 +185,12 @@ class VLLMEngine:
     def parameter_checksums(self) -> dict[str, float]:
         return self.llm.collective_rpc("qrl_parameter_checksums")[0]
 
+    def add_norm_noise(self, sigma: float, seed: int) -> dict[str, float]:
+        """QeRL AQN: N(0, sigma^2) noise on the decoder-layer RMSNorm weights until the next sync (rollout/aqn.py)."""
+        report = self.llm.collective_rpc("qrl_add_norm_noise", args=(float(sigma), int(seed)))[0]
+        self.llm.reset_prefix_cache()  # cached prefixes hold KV computed with the clean norms
+        return report
+
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
         shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)

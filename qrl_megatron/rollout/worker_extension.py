@@ -36,6 +36,28 @@ class QRLWorkerExtension:
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         return {name: float(p.detach().double().sum()) for name, p in model.named_parameters()}
 
+    def qrl_add_norm_noise(self, sigma: float, seed: int) -> dict[str, float]:
+        """QeRL AQN: add N(0, sigma^2) to the weight of every decoder-layer RMSNorm, in place (see rollout/aqn.py).
+
+        Targets vLLM's ``RMSNorm`` modules named ``layers.<i>.input_layernorm`` / ``post_attention_layernorm`` (the
+        norms feeding q/k/v and gate/up, as in QeRL's Fig. 6); the final norm and per-head q/k norms stay clean.
+        The noise is drawn on CPU from (seed, module name), so every TP rank adds the same tensor to its replica.
+        vLLM's RMSNorm reads ``self.weight.data`` on every forward (no packed copy, unlike the tied lm_head), so
+        the in-place update takes effect at once; the caller must drop cached prefixes. The next weight sync
+        overwrites the norms with the learner's clean ones.
+        """
+        from vllm.model_executor.layers.layernorm import RMSNorm
+
+        from qrl_megatron.rollout.aqn import AQN_NORM_PATTERN, add_norm_noise
+
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        norms = [
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, RMSNorm) and m.has_weight and AQN_NORM_PATTERN.search(name)
+        ]
+        return add_norm_noise(norms, sigma, seed)
+
 
 def refresh_tied_lm_head(model: Any) -> None:
     """Re-derive the tied lm_head's kernel state from the (reloaded) embedding.
