@@ -116,6 +116,12 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     rl_seconds = time.perf_counter() - rl_start
     if cfg.trainer.checkpoint:
         learner.save_checkpoint(str(Path(cfg.run.dir) / "checkpoint"))
+    # the full-precision policy in HF form (bf16), loadable by any bf16 engine (bench/ablation.py evaluates it)
+    final_weights = learner.gather_hf_weights(dtype=torch.bfloat16, dst=0)
+    if final_weights is not None and driver:
+        from safetensors.torch import save_file
+
+        save_file(final_weights, str(Path(cfg.run.dir) / "final_policy.safetensors"))
     if driver and logger:
         evals["after"] = driver.evaluate()
         evals.update(rl_seconds=rl_seconds, steps=step, policy=str(policy_dir))
