@@ -70,3 +70,24 @@ def test_self_launched_tensor_parallel_run(tmp_path: Path, cache_dir: Path) -> N
     assert [r["step"] for r in rows] == [1, 2]
     assert all(0.0 < r["logprob_diff_abs_mean"] < MAX_LOGPROB_GAP for r in rows)
     assert json.loads((run_dir / "config.json").read_text())["learner"]["tp"] == 2
+
+
+def test_tp2_pp2_learner_trains_an_nvfp4_engine_through_the_bridge(tmp_path: Path, cache_dir: Path) -> None:
+    """The bridge's acceptance command: `qrl-train <default> learner.tp=2 learner.pp=2 rollout.quant=nvfp4`."""
+    run_dir = tmp_path / "tp2pp2-nvfp4"
+    qrl_train(
+        run_dir, cache_dir, "learner.tp=2", "learner.pp=2", "rollout.quant=nvfp4", "trainer.max_steps=2",
+        "sync.probe_every=1", "trainer.checkpoint=false",
+    )  # fmt: skip
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["sync_seconds"] > 0 and row["sync_gbps"] > 0
+        # NVFP4 linears: 4.5 bits per element (codes + E4M3 block scales) + one fp32 global scale per tensor
+        assert row["sync_quantized_vs_bf16"] == pytest.approx(0.28125, abs=2e-3)
+        assert row["sync_bytes_vs_bf16"] < 0.35  # embeddings and norms stay bf16
+        # engine vs a float32 forward of the streamed (dequantized) weights; the run stops above sync.probe_tolerance
+        assert 0.0 < row["probe_gap_mean"] <= 0.05
+    evals = json.loads((run_dir / "eval.json").read_text())
+    assert evals["initial_sync"]["probe_gap_mean"] <= 0.05
+    assert (run_dir / "rollout_model_nvfp4" / "config.json").is_file()
