@@ -58,6 +58,9 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     if scaling.s != 1 and cfg.rollout.quant != "bf16":  # QuRL invariant scaling, once, on the weights RL starts from
         policy_weights = apply_invariant_scaling(policy_weights, scaling.s, scaling.targets)
     learner = Learner(spec, layout, cfg.learner, policy_weights, cfg.learner.lr, seq_length, cfg.rollout.temperature)
+    reference = None  # the KL reference: a frozen copy of the policy RL starts from
+    if cfg.algo.kl_coef > 0:
+        reference = Learner(spec, layout, cfg.learner, policy_weights, 0.0, seq_length, cfg.rollout.temperature, False)
     sync = make_weight_sync(cfg, spec, policy_dir, _probe_sequences(task, tokenizer, cfg), layout.rank == 0)
     loss_fn = grpo_loss(cfg.algo, max_new_tokens=cfg.rollout.max_new_tokens)
 
@@ -93,6 +96,9 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         out = learner.logprobs(local)
         if out is not None:
             local.old_logprobs = out[0]
+        ref_out = reference.logprobs(local) if reference is not None else None
+        if ref_out is not None:
+            local.ref_logprobs = ref_out[0]
         mismatch = learner.reduce_sums(_mismatch_sums(local, out))
         lr = scheduled_lr(cfg.learner, step, cfg.trainer.max_steps)
         updates = learner.update(local, result.batch, loss_fn, cfg.algo.minibatches, cfg.algo.epochs, lr=lr)

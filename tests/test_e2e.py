@@ -78,6 +78,10 @@ def test_tp2_pp2_learner_trains_an_nvfp4_engine_through_the_bridge(tmp_path: Pat
     qrl_train(
         run_dir, cache_dir, "learner.tp=2", "learner.pp=2", "rollout.quant=nvfp4", "trainer.max_steps=2",
         "sync.probe_every=1", "trainer.checkpoint=false",
+        # and the quantized-RL machinery on top: QuRL ACR + invariant scaling (default s=1.5), a k3 KL to the frozen
+        # reference policy, QeRL AQN (2 stages: step 2's rollout is noisy)
+        "algo.correction=acr", "algo.kl_coef=0.01", "algo.kl_estimator=k3", "algo.aqn.enabled=true",
+        "algo.aqn.stages=2",
     )  # fmt: skip
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
@@ -88,6 +92,8 @@ def test_tp2_pp2_learner_trains_an_nvfp4_engine_through_the_bridge(tmp_path: Pat
         assert row["sync_bytes_vs_bf16"] < 0.35  # embeddings and norms stay bf16
         # engine vs a float32 forward of the streamed (dequantized) weights; the run stops above sync.probe_tolerance
         assert 0.0 < row["probe_gap_mean"] <= 0.05
+    assert rows[0]["aqn_sigma"] == 0.0 and rows[1]["aqn_sigma"] == pytest.approx(1e-2)
+    assert all(r["is_weight_max"] <= 2.0 and r["is_weight_mean"] > 0 for r in rows)  # ACR weight min(r, C=2)
     evals = json.loads((run_dir / "eval.json").read_text())
     assert evals["initial_sync"]["probe_gap_mean"] <= 0.05
     assert (run_dir / "rollout_model_nvfp4" / "config.json").is_file()

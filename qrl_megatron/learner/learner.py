@@ -71,7 +71,9 @@ class Learner:
         lr: float,
         seq_length: int,
         temperature: float = 1.0,
+        trainable: bool = True,
     ) -> None:
+        """``trainable=False``: a frozen copy (the KL reference policy) -- no gradients, no optimizer state."""
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
@@ -85,6 +87,8 @@ class Learner:
         module = build_gpt_model(spec, layout, params_dtype=self.params_dtype)
         self.te_recipe = apply_precision(module, cfg.precision)  # fp8/nvfp4: TE recipe on GPU, else emulation
         load_hf_state_dict(module, hf_state_dict, spec, layout)
+        if not trainable:
+            module.requires_grad_(False)  # DDP then allocates no gradient buffers for it
         self.config = module.config
         self.config.finalize_model_grads_func = finalize_model_grads
         ddp_config = DistributedDataParallelConfig(
@@ -93,6 +97,9 @@ class Learner:
             use_distributed_optimizer=cfg.distributed_optimizer,
         )
         self.model = DistributedDataParallel(self.config, ddp_config, module)
+        self.optimizer: Any = None
+        if not trainable:
+            return
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
