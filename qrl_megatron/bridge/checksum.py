@@ -18,7 +18,7 @@ def tensor_checksum(tensor: torch.Tensor) -> str:
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+    raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().data
     header = f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode()
     return f"{zlib.crc32(raw, zlib.crc32(header)):08x}"
 

@@ -116,13 +116,15 @@ class BridgeWeightSync:
             check_layout(self.plan, layout)
             self.params = local_parameters(learner.model, self.plan.spec, layout)
         is_dst = layout.rank == self.dst
+        if is_dst and engine is None:
+            raise ValueError(f"weight sync: rank {self.dst} drives the engine but was given none")
         probing = is_dst and self.probe is not None and self.probe_every > 0 and step % self.probe_every == 0
         reference: Tensors = {}
         sent = sent_quantized = 0
         failure: BaseException | None = None
         start = time.perf_counter()
         if is_dst:
-            engine.start_weight_update()
+            engine.start_weight_update()  # type: ignore[union-attr]
         for index in range(self.plan.num_buckets):
             # every bucket is executed even after a failure: the other ranks are in its collectives
             wire = execute_bucket(self.plan, index, self.params, layout, self.dst)
@@ -132,7 +134,7 @@ class BridgeWeightSync:
             if self.corrupt_in_transit is not None:
                 wire = self.corrupt_in_transit(wire)
             try:
-                engine.update_weights(wire, sums)
+                engine.update_weights(wire, sums)  # type: ignore[union-attr]
             except Exception as e:  # noqa: BLE001 - re-raised once the collectives are done
                 failure = e
                 continue
@@ -144,7 +146,7 @@ class BridgeWeightSync:
             return {}
         if failure is not None:
             raise failure
-        engine.finish_weight_update()
+        engine.finish_weight_update()  # type: ignore[union-attr]
         seconds = time.perf_counter() - start
         metrics = {
             "sync_seconds": seconds,

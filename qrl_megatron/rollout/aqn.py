@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -81,12 +82,12 @@ def norm_noise(name: str, shape: tuple[int, ...] | torch.Size, sigma: float, see
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32) * sigma
 
 
-def add_norm_noise(modules: list[tuple[str, torch.nn.Module]], sigma: float, seed: int) -> dict[str, float]:
+def add_norm_noise(modules: Sequence[tuple[str, Any]], sigma: float, seed: int) -> dict[str, float]:
     """Add :func:`norm_noise` to each module's ``weight`` in place (rounded once to its dtype); change statistics."""
     count, changed, elements, sq_sum = 0, 0, 0, 0.0
     with torch.no_grad():
         for name, module in modules:
-            weight = module.weight
+            weight: torch.Tensor = module.weight
             z = norm_noise(name, weight.shape, sigma, seed)
             before = weight.detach().float().cpu()
             noisy = (before + z).to(weight.dtype)

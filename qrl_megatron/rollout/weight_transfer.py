@@ -109,7 +109,7 @@ def _engine_class() -> type:
             tensors = load_file(update_info.path)
             if self.verify_checksums and update_info.checksums:  # an empty manifest: the sender opted out
                 compare_checksums(update_info.checksums, tensors)
-            self.model.load_weights(iter(tensors.items()))
+            self.model.load_weights(iter(tensors.items()))  # type: ignore[operator]
             for name, t in tensors.items():
                 self.received[name] = t.numel()
 
