@@ -110,3 +110,26 @@ def decode(packed: torch.Tensor) -> torch.Tensor:
     flat = packed.reshape(-1).to(torch.int32)
     out = table.index_select(0, flat)
     return out.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def decode_blocks(packed: torch.Tensor, multipliers: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """Block-scaled FP4 decode: packed ``[R, K/2]`` and per-block multipliers ``[R, K/block]`` -> ``[R, K]``.
+
+    Each block's values are decoded and multiplied by its multiplier (NVFP4: e4m3 scale / global scale; MXFP4: the
+    power-of-two scale), tile by tile on the worker threads.
+    """
+    from te_ext._common import parallel_tiles, tiles
+
+    rows, k = packed.shape[0], packed.shape[1] * 2
+    mult = multipliers.reshape(rows, k // block, 1)
+    out = torch.empty(rows, k, dtype=dtype, device=packed.device)
+
+    def work(_: int, t: tuple[slice, slice]) -> None:
+        rs, cs = t
+        r, c = rs.stop - rs.start, cs.stop - cs.start
+        g0 = cs.start // block
+        vals = decode(packed[rs, cs.start // 2 : cs.stop // 2]).view(r, c // block, block)
+        out[rs, cs] = vals.mul_(mult[rs, g0 : g0 + c // block]).view(r, c)
+
+    parallel_tiles(work, tiles(rows, k, block, device=packed.device), packed.device)
+    return out

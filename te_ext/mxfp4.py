@@ -132,17 +132,8 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torc
     codes = qt.codes.reshape(-1, qt.codes.shape[-1])
     rows, kp = codes.shape[0], codes.shape[1] * 2
     groups = kp // MXFP4_BLOCK
-    scale = scale_from_bytes(qt.scales["weight_scale"].reshape(rows, groups)).unsqueeze(-1)
-    out = torch.empty(rows, kp, dtype=dtype, device=codes.device)
-
-    def work(_: int, t: tuple[slice, slice]) -> None:
-        rs, cs = t
-        r, c = rs.stop - rs.start, cs.stop - cs.start
-        g0 = cs.start // MXFP4_BLOCK
-        vals = _e2m1.decode(codes[rs, cs.start // 2 : cs.stop // 2]).view(r, c // MXFP4_BLOCK, MXFP4_BLOCK)
-        out[rs, cs] = vals.mul_(scale[rs, g0 : g0 + c // MXFP4_BLOCK]).view(r, c)
-
-    parallel_tiles(work, tiles(rows, kp, MXFP4_BLOCK, device=codes.device), codes.device)
+    scale = scale_from_bytes(qt.scales["weight_scale"].reshape(rows, groups))
+    out = _e2m1.decode_blocks(codes, scale, MXFP4_BLOCK, dtype)
     k = qt.shape[-1]
     if kp != k:
         out = out[:, :k]

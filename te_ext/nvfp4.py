@@ -212,20 +212,9 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, *, refe
     sf = qt.scales["weight_scale"].reshape(rows, groups).float()
     gs = qt.scales["weight_global_scale"].float().reshape(())
     mult = sf * gs.reciprocal() if reference == "vllm" else sf / gs
-    mult = mult.unsqueeze(-1)
     k = qt.shape[-1]
     rht = qt.options.get("hadamard")
-    out_dtype = torch.float32 if rht else dtype
-    out = torch.empty(rows, kp, dtype=out_dtype, device=codes.device)
-
-    def work(_: int, t: tuple[slice, slice]) -> None:
-        rs, cs = t
-        r, c = rs.stop - rs.start, cs.stop - cs.start
-        g0 = cs.start // NVFP4_BLOCK
-        vals = _e2m1.decode(codes[rs, cs.start // 2 : cs.stop // 2]).view(r, c // NVFP4_BLOCK, NVFP4_BLOCK)
-        out[rs, cs] = vals.mul_(mult[rs, g0 : g0 + c // NVFP4_BLOCK]).view(r, c)
-
-    parallel_tiles(work, tiles(rows, kp, NVFP4_BLOCK, device=codes.device), codes.device)
+    out = _e2m1.decode_blocks(codes, mult, NVFP4_BLOCK, torch.float32 if rht else dtype)
     if rht:
         out = hadamard.inverse(out, qt.options["hadamard_seed"]).to(dtype)
     if kp != k:
