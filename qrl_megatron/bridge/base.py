@@ -42,7 +42,7 @@ def make_weight_sync(
     plan = build_plan(spec, cfg.learner.tp, cfg.learner.pp, cfg.learner.dp, rollout_target(cfg))
     probe = None
     if is_dst and cfg.sync.probe_every > 0:
-        quantized = [name.removesuffix(".weight") for u in plan.units if u.fmt != "bf16" for name in u.outputs]
+        quantized = plan.linear_modules(quantized=True)
         activation_fmt = cfg.rollout.quant if cfg.rollout.quant in ("fp8", "int8") else None  # W8A8 engines
         probe = LogprobProbe(model_dir, probe_sequences, activation_fmt, quantized)
     return BridgeWeightSync(

@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from qrl_megatron.bridge.plan import SyncPlan, TransferUnit, world_rank
 from qrl_megatron.models.hf_mapping import (
-    megatron_layer_index,
     megatron_param_to_hf,
     pp_layer_offset,
     to_local_spec_norm_name,
@@ -32,15 +31,10 @@ _BYTE_VIEW = (torch.float8_e4m3fn,)
 
 def local_parameters(model: torch.nn.Module, spec: Any, layout: ParallelLayout) -> dict[str, torch.Tensor]:
     """This rank's parameters under their global, local-spec Megatron names (the plan's ``source`` names)."""
-    from qrl_megatron.learner.model import unwrap_model
+    from qrl_megatron.learner.model import _global_name, unwrap_model
 
     offset = pp_layer_offset(layout.pp_rank, spec.num_layers, layout.pp)
-    out: dict[str, torch.Tensor] = {}
-    for name, p in unwrap_model(model).named_parameters():
-        i, rest = megatron_layer_index(name)
-        global_name = name if i is None else f"decoder.layers.{i + offset}.{rest}"
-        out[to_local_spec_norm_name(global_name)] = p
-    return out
+    return {to_local_spec_norm_name(_global_name(n, offset)): p for n, p in unwrap_model(model).named_parameters()}
 
 
 def check_layout(plan: SyncPlan, layout: ParallelLayout) -> None:

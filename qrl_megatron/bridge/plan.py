@@ -143,6 +143,16 @@ class SyncPlan:
         q = [u for u in self.units if u.fmt != "bf16"]
         return sum(u.nbytes for u in q), sum(u.bf16_bytes for u in q)
 
+    def linear_modules(self, quantized: bool) -> list[str]:
+        """HF module names of the quantizable linears the plan quantizes (or, ``quantized=False``, keeps in bf16)."""
+        return [
+            name.removesuffix(".weight")
+            for u in self.units
+            if (u.fmt != "bf16") == quantized
+            for name in u.outputs
+            if name.endswith(".weight") and _module(name)[1] in QUANTIZABLE
+        ]
+
     def wire_names(self) -> list[str]:
         return [w.name for u in self.units for w in u.wire]
 

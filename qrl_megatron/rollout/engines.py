@@ -13,25 +13,12 @@ from typing import Any
 from qrl_megatron.config import QRLConfig
 
 
-def excluded_linear_modules(plan: Any) -> list[str]:
-    """HF module names of the quantizable linears the plan keeps in bf16 (the export's ignore list)."""
-    from qrl_megatron.bridge.plan import QUANTIZABLE
-
-    return [
-        name[: -len(".weight")]
-        for unit in plan.units
-        if unit.fmt == "bf16"
-        for name in unit.outputs
-        if name.endswith(".weight") and name[: -len(".weight")].rsplit(".", 1)[-1] in QUANTIZABLE
-    ]
-
-
 def rollout_model_dir(cfg: QRLConfig, policy_dir: str | Path, plan: Any | None) -> Path:
     if cfg.rollout.quant == "bf16":
         return Path(policy_dir)
     from te_ext.vllm_export import export_quantized_checkpoint
 
-    ignore = ["lm_head", *(excluded_linear_modules(plan) if plan is not None else [])]
+    ignore = ["lm_head", *(plan.linear_modules(quantized=False) if plan is not None else [])]
     out = Path(cfg.run.dir) / f"rollout_model_{cfg.rollout.quant}"
     return export_quantized_checkpoint(policy_dir, out, cfg.rollout.quant, overwrite=True, ignore=ignore)
 

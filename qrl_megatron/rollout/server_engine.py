@@ -49,7 +49,6 @@ from qrl_megatron.config import RolloutConfig
 from qrl_megatron.rollout.vllm_engine import (
     _LAUNCHER_ENV,
     Completion,
-    _shared_memory_dir,
     raise_verification_error,
     write_bucket,
 )
@@ -343,14 +342,12 @@ class VLLMServerEngine:
         return self._post("/collective_rpc", {"method": method, "args": list(args)})["results"]
 
     def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
-        """In-place reload of HF-named weights, then drop cached prefixes (their KV came from the old weights)."""
-        from safetensors.torch import save_file
+        """In-place reload of HF-named weights: one checksummed bucket through the weight-transfer path."""
+        from qrl_megatron.bridge.checksum import checksums
 
-        with tempfile.TemporaryDirectory(dir=_shared_memory_dir(), prefix="qrl-sync-") as tmp:
-            path = os.path.join(tmp, "weights.safetensors")
-            save_file({k: v.contiguous() for k, v in named_tensors.items()}, path)
-            self._collective_rpc("qrl_reload_weights_from_file", path)
-        self._reset_prefix_cache()
+        self.start_weight_update()
+        self.update_weights(named_tensors, checksums(named_tensors))
+        self.finish_weight_update()
 
     def start_weight_update(self) -> None:
         self._post("/start_weight_update")

