@@ -31,6 +31,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qrl_megatron.metrics.logger import read_metrics  # noqa: E402
+from qrl_megatron.metrics.plot import moving_mean  # noqa: E402
+
 BASE = [
     "trainer.max_steps=80",
     "trainer.max_time_s=150",
@@ -82,8 +85,7 @@ def run_one(arm: str, seed: int, root: Path, extra: list[str]) -> Path:
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
 
 
 def evaluate_full_precision(run_dirs: list[Path]) -> dict[str, float]:
@@ -101,7 +103,7 @@ def evaluate_full_precision(run_dirs: list[Path]) -> dict[str, float]:
     if not todo:
         return {}
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [])
-    base = prepare_base_model(cfg)
+    base = prepare_base_model(cfg.model, cfg.run.cache_dir)
     engine = VLLMEngine(str(base), cfg.rollout, seed=0, max_model_len=64)
     out = {}
     try:
@@ -196,9 +198,7 @@ def _plot(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for arm, c in curves.items():
         for ax, key in zip(axes, ("reward_mean", "mismatch_kl"), strict=True):
-            values = c[key]
-            window = 5
-            smooth = [statistics.mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+            smooth = moving_mean(c[key], 5)
             ax.plot(range(1, len(smooth) + 1), smooth, label=ARMS[arm][0])
     axes[0].set(title="sampled reward (5-step mean, seed-averaged)", xlabel="RL step", ylabel="reward")
     axes[1].set(

@@ -44,6 +44,10 @@ CASES = [
 ]
 
 
+def _case_name(fmt: str, opts: dict) -> str:
+    return fmt if not opts.get("granularity") else f"{fmt}-{opts['granularity']}"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -132,6 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-reference", action="store_true", help="time te_ext only")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument(
+        "--formats",
+        default=None,
+        help="comma-separated subset of the rows to time, by their name: "
+        + ",".join(dict.fromkeys(_case_name(f, o) for f, o, _ in CASES)),
+    )
+    ap.add_argument(
+        "--sizes", default=None, help="comma-separated shapes to time instead of the defaults, e.g. 4096x11008"
+    )
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -139,6 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     sizes = SIZES_QUICK if args.quick else SIZES_FULL
+    if args.sizes:
+        sizes = [tuple(int(d) for d in s.split("x")) for s in args.sizes.split(",")]
+    cases = CASES
+    if args.formats:
+        wanted = set(args.formats.split(","))
+        cases = [c for c in CASES if _case_name(c[0], c[1]) in wanted]
+        unknown = wanted - {_case_name(f, o) for f, o, _ in CASES}
+        if unknown:
+            ap.error(f"unknown --formats {sorted(unknown)}")
     reps = args.reps or (5 if args.quick else 9)
     budget = 2.0 if args.quick else 20.0
     ref_reps = 2 if args.quick else 3
@@ -150,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         in_bytes = w.numel() * w.element_size()
         t_copy, _ = timeit(lambda w=w: torch.empty_like(w).copy_(w), device, reps, budget)
         copy_gbs = in_bytes / t_copy / 1e9
-        for fmt, opts, preset in CASES:
+        for fmt, opts, preset in cases:
             t_ours, t_ours_med = timeit(
                 lambda w=w, fmt=fmt, opts=opts: te_ext.quantize(w, fmt, **opts), device, reps, budget
             )
             row = {
-                "fmt": fmt if not opts.get("granularity") else f"{fmt}-{opts['granularity']}",
+                "fmt": _case_name(fmt, opts),
                 "shape": list(shape),
                 "dtype": args.dtype,
                 "te_ext_ms": t_ours * 1e3,

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -37,8 +36,20 @@ sys.path.insert(0, str(ROOT))
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
-    "1b": {"hidden_size": 2048, "num_layers": 16, "num_heads": 32, "num_kv_heads": 8, "ffn_hidden_size": 8192},
-    "8b": {"hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8, "ffn_hidden_size": 14336},
+    "1b": {
+        "hidden_size": 2048,
+        "num_layers": 16,
+        "num_attention_heads": 32,
+        "num_query_groups": 8,
+        "ffn_hidden_size": 8192,
+    },
+    "8b": {
+        "hidden_size": 4096,
+        "num_layers": 32,
+        "num_attention_heads": 32,
+        "num_query_groups": 8,
+        "ffn_hidden_size": 14336,
+    },
 }
 
 
@@ -52,12 +63,6 @@ class DroppingEngine:
     def finish_weight_update(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(
@@ -139,10 +144,12 @@ def _engine(model_dir: str, fmt: str) -> Any:
 def _run_layout(args: argparse.Namespace, model_dir: str, layout: tuple) -> list[dict]:
     import torch.multiprocessing as mp
 
+    from qrl_megatron.utils.net import free_port
+
     world = layout[0] * layout[1] * layout[2]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, args, model_dir, layout, queue)) for r in range(world)]
     for p in procs:
         p.start()

@@ -70,7 +70,7 @@ def prepare(config: str, overrides: Sequence[str], nodes: int | None, gpus_per_n
     cfg = load_checked_config(config, overrides, nodes, gpus_per_node)
     from qrl_megatron.models.base import prepare_base_model
 
-    model_dir = Path(prepare_base_model(cfg)).resolve()
+    model_dir = Path(prepare_base_model(cfg.model, cfg.run.cache_dir)).resolve()
     return shell_assignments(
         {
             "QRL_RUN_DIR": str(Path(cfg.run.dir).resolve()),

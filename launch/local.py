@@ -73,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from qrl_megatron.models.base import prepare_base_model
 
         # as `qrl-train` does before it starts its ranks: build/download the base model once, so ranks never race
-        prepare_base_model(load_checked_config(args.config, args.overrides))
+        cfg = load_checked_config(args.config, args.overrides)
+        prepare_base_model(cfg.model, cfg.run.cache_dir)
         _ensure_torchrun_on_path()
     with run.Experiment(args.name, executor=executor) as exp:
         exp.add(task, name="learner", tail_logs=True)

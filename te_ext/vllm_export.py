@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from te_ext._common import NVFP4_BLOCK
+from te_ext.formats import EXPORT_FORMATS
 from te_ext.qtensor import QuantizedTensor
 
 __all__ = [
@@ -57,7 +59,6 @@ __all__ = [
     "resolve_spec",
 ]
 
-EXPORT_FORMATS = ("nvfp4", "fp8", "int8")
 # Linear layers of the Llama / Qwen2 decoder that the formats quantize (module names, last component).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Weights vLLM fuses into one linear (its packed_modules_mapping for Llama/Qwen2: qkv_proj, gate_up_proj).
@@ -168,7 +169,7 @@ def _weights_args(spec: ExportSpec) -> dict[str, Any]:
     }
     if spec.fmt == "nvfp4":
         return base | {
-            "group_size": 16,
+            "group_size": NVFP4_BLOCK,
             "num_bits": 4,
             "scale_dtype": "torch.float8_e4m3fn",
             "strategy": "tensor_group",
@@ -271,11 +272,11 @@ def checkpoint_layout(fmt: str, shape: tuple[int, ...] | list[int]) -> list[tupl
         raise ValueError(f"checkpoint_layout: a linear weight is 2-D, got shape {tuple(shape)}")
     n, k = (int(x) for x in shape)
     if fmt == "nvfp4":
-        if k % 16:
-            raise ValueError(f"NVFP4 needs the input dimension to be a multiple of 16, got {k}")
+        if k % NVFP4_BLOCK:
+            raise ValueError(f"NVFP4 needs the input dimension to be a multiple of {NVFP4_BLOCK}, got {k}")
         return [
             ("weight_packed", (n, k // 2), torch.uint8),
-            ("weight_scale", (n, k // 16), torch.float8_e4m3fn),
+            ("weight_scale", (n, k // NVFP4_BLOCK), torch.float8_e4m3fn),
             ("weight_global_scale", (1,), torch.float32),
         ]
     if fmt in ("fp8", "int8"):

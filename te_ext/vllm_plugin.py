@@ -250,6 +250,76 @@ def _register() -> bool:
 
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group (idempotent; a no-op off the CPU platform)."""
+    _register_emulation()
+    # after the import hook is in place: these import vLLM's kernel module
+    _keep_onednn_int8_tensors_alive()
+    _fp8_amx_bias_as_float32()
+
+
+def _keep_onednn_int8_tensors_alive() -> None:
+    """Fix in-place reload of INT8 W8A8 layers on vLLM-CPU (the oneDNN path).
+
+    ``CPUInt8ScaledMMLinearKernel`` builds a oneDNN handle from the layer's freshly processed ``weight_scale`` and
+    ``azp_adj`` and the handle keeps pointing at those tensors' storage. vLLM's layerwise reload then copies the
+    processed values into the *original* parameters and drops the fresh ones, so the handle reads freed memory
+    (measured: NaN logprobs after every INT8 reload, correct ones after the first load). Keeping a reference to
+    the tensors the handle was built from keeps its pointers valid.
+
+    Written for vLLM 0.32 (``vllm.model_executor.kernels.linear.scaled_mm.cpu``); a no-op where that kernel does
+    not exist (the CUDA build). Applied by :func:`register` whether or not the emulation kernels are enabled.
+    """
+    try:
+        from vllm.model_executor.kernels.linear.scaled_mm.cpu import CPUInt8ScaledMMLinearKernel
+    except ImportError:  # not the CPU build
+        return
+    original = CPUInt8ScaledMMLinearKernel.process_weights_for_onednn
+    if getattr(original, "_qrl_keepalive", False):
+        return
+
+    def process_weights_for_onednn(self: Any, layer: Any) -> None:
+        original(self, layer)
+        names = [n for n in self.layer_param_names if n]
+        layer._qrl_onednn_tensors = [getattr(layer, n, None) for n in names]
+
+    process_weights_for_onednn._qrl_keepalive = True  # type: ignore[attr-defined]
+    CPUInt8ScaledMMLinearKernel.process_weights_for_onednn = process_weights_for_onednn  # type: ignore[method-assign]
+
+
+def _fp8_amx_bias_as_float32() -> None:
+    """Fix FP8 linears with a bias on AMX CPUs (vLLM-CPU's ``fp8_scaled_mm_cpu`` path).
+
+    On Intel CPUs with AMX tiles but no AMX-FP8 (Sapphire/Emerald Rapids), vLLM 0.32 serves FP8 block (and
+    per-tensor) linears with ``CPUFp8BlockScaledMMKernel`` / ``CPUFp8PerTensorScaledMMLinearKernel``, whose op
+    ``torch.ops._C.fp8_scaled_mm_cpu`` only accepts a float32 bias; the layer's bias is in the model dtype, so the
+    first forward of any biased linear (Qwen2's fused QKV) dies with "expected scalar type Float but found
+    BFloat16" (measured on a 2-core Xeon with amx_bf16/amx_int8). The op returns ``out_dtype`` whatever the bias
+    dtype, so passing the bias as float32 changes nothing else. Written for vLLM 0.32
+    (``vllm.model_executor.kernels.linear.scaled_mm.cpu``); a no-op where those kernels do not exist.
+    """
+    import torch
+
+    try:
+        from vllm.model_executor.kernels.linear.scaled_mm import cpu
+    except ImportError:  # not the CPU build
+        return
+    # Only the kernels whose every call goes to fp8_scaled_mm_cpu; the AMX-FP8 W8A8 kernel calls another op whose
+    # bias dtype was never measured here, so it is left as vLLM wrote it.
+    names = ("CPUFp8BlockScaledMMKernel", "CPUFp8PerTensorScaledMMLinearKernel")
+    for cls in (getattr(cpu, n, None) for n in names):
+        original = getattr(cls, "apply_weights", None)
+        if original is None or getattr(original, "_qrl_float32_bias", False):
+            continue
+
+        def apply_weights(self: Any, layer: Any, x: Any, bias: Any = None, _original: Any = original, **kw: Any) -> Any:
+            if bias is not None and bias.dtype != torch.float32:
+                bias = bias.float()
+            return _original(self, layer, x, bias, **kw)
+
+        apply_weights._qrl_float32_bias = True  # type: ignore[attr-defined]
+        cls.apply_weights = apply_weights  # type: ignore[union-attr]
+
+
+def _register_emulation() -> None:
     if _state["registered"] or os.environ.get(DISABLE_ENV, "1") == "0":
         return
     try:

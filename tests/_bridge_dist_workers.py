@@ -72,24 +72,61 @@ def refit_worker(rank: int, world_size: int, tp: int, pp: int, dp: int, model_di
         if fmt == formats[0]:  # a corrupted tensor must be reported by name and never loaded
             victim = plan.units[3].wire[0].name
 
-            def corrupt(wire: dict[str, torch.Tensor], victim: str = victim) -> dict[str, torch.Tensor]:
-                if victim in wire:
-                    wire = dict(wire)
-                    flipped = wire[victim].clone()
-                    flipped.reshape(-1).view(torch.uint8)[0] ^= 0x10
-                    wire[victim] = flipped
-                return wire
+            if engine is not None:  # the fault is injected after the bridge took the checksums, as in transit
+                send = engine.update_weights
 
-            sync.corrupt_in_transit = corrupt
+                def corrupt(wire, sums, victim: str = victim, send=send) -> None:
+                    if victim in wire:
+                        wire = dict(wire)
+                        flipped = wire[victim].clone()
+                        flipped.reshape(-1).view(torch.uint8)[0] ^= 0x10
+                        wire[victim] = flipped
+                    send(wire, sums)
+
+                engine.update_weights = corrupt
             try:
                 sync(learner, engine, 2)
                 result["corruption"] = None
             except WeightVerificationError as e:
                 result["corruption"] = (victim, str(e))
+            if engine is not None:
+                del engine.update_weights  # the class's method again
+            result["stale"] = _stale_engine_probe(learner, engine, plan, probe, spec, layout, fmt)
         if engine is not None:
             engine.close()
         results[fmt] = result
     return results if rank == 0 else {}
+
+
+def _stale_engine_probe(learner, engine, plan, probe, spec, layout, fmt: str) -> str | None:
+    """An engine that acknowledges an update but keeps its old weights must be stopped by the probe gate.
+
+    The learner's weights move (the same noise on every rank), the engine's weight-update call becomes a no-op, and
+    a sync with the format's default probe tolerance runs; returns the gate's message (None: it did not fire). The
+    learner's weights are restored afterwards."""
+    from te_ext.formats import format_descriptor
+
+    params = local_parameters(learner.model, spec, layout)
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    if engine is not None:
+        engine.update_weights = lambda wire, sums: None
+    gated = BridgeWeightSync(plan, probe=probe, probe_every=1, probe_tolerance=format_descriptor(fmt).probe_tolerance)
+    try:
+        gated(learner, engine, 3)
+        message = None
+    except WeightVerificationError as e:
+        message = str(e)
+    finally:
+        if engine is not None:
+            del engine.update_weights
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+    return message
 
 
 def _engine(model_dir: str, fmt: str):

@@ -9,7 +9,8 @@ import torch
 from torch.testing import assert_close
 
 from qrl_megatron.algos.advantages import group_advantages
-from qrl_megatron.algos.losses import aggregate, ppo_clip_token_loss, sft_token_loss
+from qrl_megatron.algos.corrections import corrected_ppo_token_loss
+from qrl_megatron.algos.losses import aggregate, sft_token_loss
 from qrl_megatron.algos.policy_loss import grpo_loss, sft_loss
 from qrl_megatron.config import AlgoConfig
 from qrl_megatron.learner.batch import TokenBatch, pack_sequences
@@ -64,6 +65,11 @@ def test_group_size_mismatch_and_unknown_mode_raise() -> None:
 
 
 # --------------------------------------------------------------------------------------------- ppo clip loss
+def plain_ppo_clip(logprobs, old, adv, mask, clip_low, clip_high):
+    # the plain PPO clip loss: no rollout correction, the engine sampled from the proximal policy itself
+    return corrected_ppo_token_loss(logprobs, old, old, adv, mask, clip_low, clip_high, correction="none")
+
+
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28  # ratio range [0.8, 1.28]
 # row 0 has A = +2, row 1 has A = -1; the last position of each row is masked (huge ratio there)
 RATIOS = [[1.1, 1.5, 0.5, 1.25, math.exp(3.0)], [1.1, 1.5, 0.5, 0.75, math.exp(3.0)]]
@@ -86,7 +92,7 @@ def _ppo_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 
 def test_ppo_clip_loss_values_and_gradients() -> None:
     logprobs, old, adv, mask = _ppo_inputs()
-    loss, stats = ppo_clip_token_loss(logprobs, old, adv, mask, CLIP_LOW, CLIP_HIGH)
+    loss, stats = plain_ppo_clip(logprobs, old, adv, mask, CLIP_LOW, CLIP_HIGH)
     assert_close(loss, torch.tensor(EXPECTED_LOSS, dtype=F64))
     loss.sum().backward()
     assert_close(logprobs.grad, torch.tensor(EXPECTED_GRAD, dtype=F64))
@@ -97,7 +103,7 @@ def test_ppo_clip_loss_values_and_gradients() -> None:
 
 def test_ppo_clip_gradient_zero_exactly_where_clipped_branch_is_active() -> None:
     logprobs, old, adv, mask = _ppo_inputs()
-    loss, _ = ppo_clip_token_loss(logprobs, old, adv, mask, CLIP_LOW, CLIP_HIGH)
+    loss, _ = plain_ppo_clip(logprobs, old, adv, mask, CLIP_LOW, CLIP_HIGH)
     (grad,) = torch.autograd.grad(loss.sum(), logprobs)
     ratio = torch.tensor(RATIOS, dtype=F64)
     a = adv.unsqueeze(-1)
@@ -113,7 +119,7 @@ def test_ppo_clip_on_policy_loss_is_minus_advantage() -> None:
     # ratio 1 everywhere: loss = -A on every unmasked token, gradient -A
     logprobs = torch.full((2, 3), -1.5, dtype=F64, requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]], dtype=F64)
-    loss, stats = ppo_clip_token_loss(logprobs, logprobs.detach(), torch.tensor([0.5, -3.0], dtype=F64), mask, 0.2, 0.2)
+    loss, stats = plain_ppo_clip(logprobs, logprobs.detach(), torch.tensor([0.5, -3.0], dtype=F64), mask, 0.2, 0.2)
     assert_close(loss, torch.tensor([[-0.5, -0.5, 0.0], [0.0, 3.0, 3.0]], dtype=F64))
     loss.sum().backward()
     assert_close(logprobs.grad, torch.tensor([[-0.5, -0.5, 0.0], [0.0, 3.0, 3.0]], dtype=F64))
@@ -272,13 +278,17 @@ def test_split_refuses_uneven_parts() -> None:
 
 
 def test_learning_rate_schedule() -> None:
-    from qrl_megatron.config import LearnerConfig
     from qrl_megatron.learner.learner import scheduled_lr
 
-    cfg = LearnerConfig(lr=1e-4, lr_warmup_steps=10, lr_schedule="cosine", lr_min_ratio=0.1)
-    assert scheduled_lr(cfg, 1, 110) == pytest.approx(1e-5)
-    assert scheduled_lr(cfg, 10, 110) == pytest.approx(1e-4)
-    assert scheduled_lr(cfg, 60, 110) == pytest.approx(1e-4 * (0.1 + 0.9 * 0.5))
-    assert scheduled_lr(cfg, 110, 110) == pytest.approx(1e-5)
-    constant = LearnerConfig(lr=1e-4, lr_warmup_steps=0, lr_schedule="constant")
-    assert scheduled_lr(constant, 1, 110) == scheduled_lr(constant, 110, 110) == 1e-4
+    def rl(step: int) -> float:  # learner.lr=1e-4, lr_warmup_steps=10, cosine to 10% at trainer.max_steps=110
+        return scheduled_lr(1e-4, step, 110, warmup_steps=10, schedule="cosine", min_ratio=0.1)
+
+    assert rl(1) == pytest.approx(1e-5)
+    assert rl(10) == pytest.approx(1e-4)
+    assert rl(60) == pytest.approx(1e-4 * (0.1 + 0.9 * 0.5))
+    assert rl(110) == pytest.approx(1e-5)
+    assert scheduled_lr(1e-4, 1, 110, schedule="constant") == scheduled_lr(1e-4, 110, 110, schedule="constant") == 1e-4
+    # the warm-start's schedule (0-based steps, no warm-up, cosine to 10% of warmstart.lr at warmstart.steps)
+    for step in range(300):
+        expected = 3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / 300)))
+        assert scheduled_lr(3e-3, step, 300) == pytest.approx(expected, rel=1e-14)

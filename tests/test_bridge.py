@@ -51,3 +51,6 @@ def test_tp2_pp2_learner_refits_a_tp1_engine(tiny_model_dir):
     assert results["nvfp4"]["metrics"]["sync_bytes"] < results["fp8"]["metrics"]["sync_bytes"] < bf16
     victim, message = results["bf16"]["corruption"]
     assert "corrupted in transit" in message and victim in message
+    # the probe gate fires on an engine that kept its old weights (sync.probe_tolerance at the format default)
+    stale = results["bf16"]["stale"]
+    assert stale is not None and "logprob probe" in stale and "did not load what the learner sent" in stale, stale

@@ -558,22 +558,21 @@ def test_quantize_before_gather(name: str, fmt: str) -> None:
     for tp, pp, dp in valid_layouts(spec):
         plan = plan_of(spec, fmt, tp, pp, dp)
         for u in plan.units:
+            desc = te_ext.format_descriptor(u.fmt)
             if u.fmt == "bf16":
                 assert not u.quantize_before_gather
-                assert u.transforms[0] == "cast bf16"
-                assert any(t.startswith("gather TP") for t in u.transforms) == (tp > 1 and u.split != "replicated")
+                assert u.shared_stat is None and u.replicated_components == ()
                 continue
             assert u.split in ("qkv", "fc1", "row")
             k_local = u.shape[1] // tp if u.split == "row" else u.shape[1]
-            expected = tp > 1 and not (fmt == "nvfp4" and k_local % 16)
+            block = desc.block_k
+            expected = tp > 1 and not (block is not None and k_local % block)
             assert u.quantize_before_gather == expected, (tp, u.source)
-            q = u.transforms.index(f"quantize {fmt}")
+            assert u.shared_stat == desc.shared_stat(u.split, u.quantize_before_gather)
             if u.quantize_before_gather:
-                assert u.transforms[q + 1] == f"gather TP codes ({u.split})"
-            elif tp > 1:
-                assert u.transforms.index(f"gather TP ({u.split})") < q
+                assert u.replicated_components == desc.replicated_components(u.split)
             else:
-                assert not any("gather" in t for t in u.transforms)
+                assert u.replicated_components == ()
 
 
 def test_quantize_before_gather_tiny_tp2_covers_row_split() -> None:
@@ -584,14 +583,14 @@ def test_quantize_before_gather_tiny_tp2_covers_row_split() -> None:
         assert all(u.quantize_before_gather for u in quantized)
         assert not any(u.quantize_before_gather for u in plan_of(TINY, fmt, tp=1).units)
         row = next(u for u in quantized if u.source.endswith("linear_fc2.weight"))
-        if fmt == "nvfp4":
-            assert "global amax (all-reduce MAX over TP)" in row.transforms
-        else:
-            assert "row amax (all-reduce MAX over TP)" in row.transforms
         col = next(u for u in quantized if u.split == "qkv")
-        assert ("row amax (all-reduce MAX over TP)" in col.transforms) is False
-        assert "split QKV (GQA groups)" in col.transforms
-        assert "split gate/up" in next(u for u in quantized if u.split == "fc1").transforms
+        if fmt == "nvfp4":
+            assert row.shared_stat == col.shared_stat == "global_amax"
+            assert row.replicated_components == col.replicated_components == ("weight_global_scale",)
+        else:
+            assert row.shared_stat == "row_amax" and row.replicated_components == ("weight_scale",)
+            assert col.shared_stat is None and col.replicated_components == ()
+        assert len(col.outputs) == 3 and len(next(u for u in quantized if u.split == "fc1").outputs) == 2
 
 
 def test_nvfp4_row_split_shard_not_block_aligned_gathers_first() -> None:
@@ -599,7 +598,7 @@ def test_nvfp4_row_split_shard_not_block_aligned_gathers_first() -> None:
     plan = plan_of(GQA, "nvfp4", tp=4)
     fc2 = [u for u in plan.units if u.source.endswith("linear_fc2.weight")]
     assert fc2 and all(not u.quantize_before_gather for u in fc2)
-    assert fc2[0].transforms[:3] == ("gather TP (row)", "global amax", "quantize nvfp4")
+    assert fc2[0].shared_stat == "global_amax" and fc2[0].replicated_components == ()
     proj = [u for u in plan.units if u.source.endswith("linear_proj.weight")]  # 256 / 4 = 64: aligned
     assert all(u.quantize_before_gather for u in proj)
     # fp8/int8 have no blocks along K: still before the gather

@@ -278,8 +278,8 @@ def test_existing_run_dir_is_archived_or_refused(tmp_path, capsys) -> None:
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ConfigError, match="run.on_existing"):
-        _prepare_run_dir(load_config(None, [f"run.dir={run_dir}", "run.on_existing=error"]))
-    _prepare_run_dir(load_config(None, [f"run.dir={run_dir}"]))
+        _prepare_run_dir(load_config(None, [f"run.dir={run_dir}", "run.on_existing=error"]).run)
+    _prepare_run_dir(load_config(None, [f"run.dir={run_dir}"]).run)
     archived = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
     assert not run_dir.exists() and len(archived) == 1
     assert (archived[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'

@@ -31,6 +31,7 @@ def _hf_logits(model_dir, hf_state_dict: dict[str, torch.Tensor], tokens: torch.
         return model(tokens).logits.float()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("targets", TARGETS, ids=["+".join(t) for t in TARGETS])
 def test_transformers_forward_is_unchanged(tiny_model_dir, weights, targets):
     tokens = torch.randint(2, 64, (3, 24), generator=torch.Generator().manual_seed(0))
@@ -66,6 +67,7 @@ def test_megatron_learner_forward_is_unchanged(tiny_model_dir):
     torch.testing.assert_close(result["scaled"], result["plain"], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.unit
 def test_s_one_is_a_no_op_and_bad_arguments_raise(weights):
     same = apply_invariant_scaling(weights, 1.0, ["qkv", "gate_up"])
     assert same.keys() == weights.keys() and all(same[k] is weights[k] for k in weights)
@@ -83,6 +85,7 @@ def test_s_one_is_a_no_op_and_bad_arguments_raise(weights):
         apply_invariant_scaling({"model.norm.weight": torch.ones(4)}, 1.5, ["qkv"])
 
 
+@pytest.mark.unit
 def test_config_keys_and_validation():
     cfg = load_config(overrides=["algo.invariant_scaling.s=2", "algo.invariant_scaling.targets=[qkv,gate_up]"])
     assert cfg.algo.invariant_scaling.s == 2.0 and cfg.algo.invariant_scaling.targets == ["qkv", "gate_up"]
@@ -150,6 +153,7 @@ def _per_step_change(weights: dict[str, torch.Tensor], s: float, lr: float, fmt:
     }
 
 
+@pytest.mark.unit
 def test_quantized_weights_move_more_per_step(weights):
     """Per-step change of the engine's q/k/v weights after one Adam step, s=1 vs s=1.5 (printed: `pytest -s`)."""
     print("\nformat  lr      s    codes changed  |Q(W')-Q(W)|/|Q(W)|  |W'-W|/|W|  cos(dQ, dW)")

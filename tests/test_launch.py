@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import stat
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 from launch import job_info
 from launch.common import FAILFAST_ENV, REPO_ROOT, load_checked_config, require_nemo_run
 from launch.sbatch import render_sbatch, sbatch_options, template_text, watchdog_function
+from qrl_megatron.utils.net import free_port
 
 pytestmark = pytest.mark.unit
 
@@ -267,12 +267,6 @@ def test_watchdog_function(file: str, stall: int, startup: int, fires: str | Non
         assert (tmp_path / "watchdog.log").read_text().count("[qrl-watchdog]") == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 FAKE_SERVER = f"""#!{sys.executable}
 import http.server, os, sys, threading, time
 mode, port = os.environ["FAKE_MODE"], int(sys.argv[sys.argv.index("--port") + 1])
@@ -301,7 +295,7 @@ def fake_rollout(fake_slurm: dict[str, str], tmp_path: Path) -> dict[str, str]:
         "SLURM_NNODES": "1",
         "FAKE_HOSTS": "localhost",
         "QRL_VLLM": str(vllm),
-        "QRL_VLLM_PORT": str(_free_port()),
+        "QRL_VLLM_PORT": str(free_port()),
         "QRL_HEALTH_POLL_S": "0.2",
     }
 
@@ -365,7 +359,7 @@ def test_job_info_prepare_prints_shell(
 ) -> None:
     import qrl_megatron.models.base as base
 
-    monkeypatch.setattr(base, "prepare_base_model", lambda cfg: tmp_path / "my model")
+    monkeypatch.setattr(base, "prepare_base_model", lambda model, cache_dir: tmp_path / "my model")
     run_dir = tmp_path / "runs" / "x"
     argv = ["prepare", "--nodes", "1", "--gpus-per-node", "2", CONFIG, "learner.dp=2", f"run.dir={run_dir}", "seed=7"]
     assert job_info.main(argv) == 0

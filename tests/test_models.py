@@ -338,7 +338,7 @@ def test_cpu_shim_is_narrow(megatron_tp1):
     assert torch.zeros(1).type() == "torch.FloatTensor"
     with pytest.raises((AssertionError, RuntimeError)):
         torch.zeros(1).cuda()
-    with platform._cuda_tensor_compat():
+    with platform.cuda_tensor_compat():
         assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
         assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
         t = torch.zeros(1)

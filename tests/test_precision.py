@@ -200,46 +200,27 @@ def test_te_model_gets_the_recipe_and_is_left_alone(tiny):
 
 
 # ---------------------------------------------------------------------------------------------------- TP
-@pytest.mark.unit
+@pytest.mark.dist
 @pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
-def test_tp_shards_quantize_like_the_unsharded_tensor(monkeypatch, precision):
-    """With the TP-global amax every shard's fake-quantized values are the slice of the unsharded tensor's
-    (checked by simulating the all-reduce of a 2-rank group); with shard-local amaxes they are not."""
-    import qrl_megatron.learner.precision as prec
+def test_tp_shards_quantize_like_the_unsharded_tensor(precision):
+    """TP=2 on two gloo workers (real MAX all-reduce over the group): with the TP-global amax every shard's
+    fake-quantized values are the slice of the unsharded (TP=1) tensor's; with shard-local amaxes they are not."""
+    from _precision_dist_workers import tp_shard_quantize_worker, tp_test_tensors
+    from dist_utils import run_distributed
 
-    gen = torch.Generator().manual_seed(5)
-    w = torch.randn(96, 352, generator=gen) * 0.05
-    w[70, 3] = 0.4  # the tensor amax lies in one shard only
-    x = torch.randn(3, 2, 352, generator=gen)
-    x[1, 0, 300] = 9.0  # a token whose amax lies in the second half of the hidden dim
-    x[2, 1, 10] = -7.0
-    full = FakeQuantGemm(precision)  # no group: the unsharded tensor
+    w, x = tp_test_tensors()
+    full = FakeQuantGemm(precision)  # no group: the unsharded tensor (TP=1)
     w_full, x_full = full.quantize_weight(w), full.quantize_input(x)
     assert not torch.equal(w_full, w) and not torch.equal(x_full, x)
+    ranks = run_distributed(tp_shard_quantize_worker, 2, precision, timeout=120)
 
-    def shards(t: torch.Tensor, dim: int) -> list[torch.Tensor]:
-        return [c.contiguous() for c in t.chunk(2, dim=dim)]
+    def cat(key: str, dim: int) -> torch.Tensor:
+        return torch.cat([r[key] for r in ranks], dim)
 
-    monkeypatch.setattr(prec, "_group_size", lambda group: 2)
-    whole = [w]  # the tensor the shards are cut from
-
-    def all_reduce_max(t: torch.Tensor, group: object) -> torch.Tensor:
-        """The MAX over both shards = the statistic of the whole tensor."""
-        full_tensor = whole[0]
-        if t.dim() == 0:
-            return full_tensor.abs().amax().float()
-        return full_tensor.reshape(-1, full_tensor.shape[-1]).abs().amax(-1, keepdim=True).float()  # per token
-
-    for global_amax in (True, False):
-        # without the reduction every shard uses its own statistics
-        monkeypatch.setattr(prec, "_all_reduce_max", all_reduce_max if global_amax else lambda t, group: t.float())
-        column, row = FakeQuantGemm(precision, "tp"), FakeQuantGemm(precision, "tp", input_split=True)
-        whole[0] = w
-        col_w = torch.cat([column.quantize_weight(s) for s in shards(w, 0)], 0)  # ColumnParallelLinear weight
-        row_w = torch.cat([row.quantize_weight(s) for s in shards(w, 1)], 1)  # RowParallelLinear weight
-        whole[0] = x
-        row_x = torch.cat([row.quantize_input(s) for s in shards(x, -1)], -1)  # RowParallelLinear input
-        assert torch.equal(column.quantize_input(x), x_full)  # replicated column-parallel input: no reduction
+    for r in ranks:
+        assert torch.equal(r["col_x"], x_full)  # replicated column-parallel input: no reduction
+    for prefix, global_amax in (("", True), ("local_", False)):
+        col_w, row_w, row_x = cat(prefix + "col_w", 0), cat(prefix + "row_w", 1), cat(prefix + "row_x", -1)
         same = [torch.equal(col_w, w_full), torch.equal(row_w, w_full), torch.equal(row_x, x_full)]
         assert same == [global_amax] * 3, (global_amax, same)
 

@@ -98,7 +98,7 @@ def test_dynamic_sampling_keeps_informative_groups(engine) -> None:
     answers = [first[4 * i].text if first[4 * i].finished else "0" for i in range(4)] + ["nope"] * 16
     sampler = PromptSampler(prompts, answers, seed=0)
     sampler.order = list(range(len(prompts)))[::-1]  # take() pops from the end: prompts 0..3 come first
-    result = rollout(engine, sampler, cfg, step=1, seq_length=16, pad_id=0)
+    result = rollout(engine, sampler, cfg.rollout, cfg.algo, step=1, seq_length=16, pad_id=0)
     metrics = result.metrics
     assert len(result.batch) == 16
     assert 1 <= metrics["rollout_rounds"] <= 3

@@ -177,6 +177,113 @@ def test_e2m1_rounding_matches_cast_to_fp4_on_every_threshold():
     assert torch.equal(_e2m1.unpack(ours), _e2m1.encode(y))
 
 
+@pytest.mark.unit
+def test_e2m1_table_encode_matches_encode_at_every_key_edge():
+    """The table-driven encode (NVFP4's fast path) against ``encode`` at the edges of each of its 4096 keys (the
+    key's own value, its float32 neighbours, the midpoint and the last value of the key) and on random bit
+    patterns; an exhaustive run over all 2^32 float32 patterns agreed when the table was written."""
+    from te_ext import _e2m1
+
+    keys = torch.arange(4096, dtype=torch.int64) << 20
+    offs = torch.tensor([-2, -1, 0, 1, 2, 1 << 19, (1 << 20) - 2, (1 << 20) - 1])
+    pats = (keys[:, None] + offs[None, :]).flatten() % 2**32
+    rand = torch.randint(0, 2**32, (1 << 20,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    pats = torch.cat([pats, rand])
+    y = torch.where(pats >= 2**31, pats - 2**32, pats).to(torch.int32).view(torch.float32)
+    y = y[~torch.isnan(y)]  # NaN inputs raise before they get here
+    y = y[: y.numel() // 2 * 2].reshape(-1, 2)
+    want = _e2m1.pack(_e2m1.encode(y.clamp(-6.0, 6.0)))
+    assert_bits_equal(_e2m1.encode_packed(y), want, "table-driven E2M1 codes")
+
+
+def _e2m1_nearest_even(y: torch.Tensor) -> torch.Tensor:
+    """Straightforward E2M1: the nearest of the 8 magnitudes by float64 distance (exact for |y| >= 2^-20; smaller
+    values are nowhere near a tie), an exact tie going to the even index; sign bit iff y < 0. int64 codes."""
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+    dist = (y.double().abs().unsqueeze(-1) - grid).abs()
+    nearest = dist == dist.amin(dim=-1, keepdim=True)
+    prefer_even = nearest.double() * torch.tensor([2.0, 1.0] * 4, dtype=torch.float64)
+    return prefer_even.argmax(dim=-1) + 8 * (y < 0).long()
+
+
+def _straightforward_nvfp4(w: torch.Tensor, arith: str, global_amax=None, global_scale=None, block_2d=False):
+    """NVFP4 written from the formulas in te_ext/nvfp4.py's docstring, one whole-tensor op at a time (no tiles, no
+    tables, no integer tricks): (packed codes, e4m3 block scales, global scale)."""
+    x = w.float().reshape(-1, w.shape[-1])
+    rows, k = x.shape
+    amax_b = x.abs().reshape(rows, k // 16, 16).amax(dim=-1)
+    if block_2d:
+        r16 = -(-rows // 16) * 16
+        a = torch.zeros(r16, k // 16)
+        a[:rows] = amax_b
+        amax_b = a.reshape(r16 // 16, 16, k // 16).amax(dim=1).repeat_interleave(16, dim=0)[:rows]
+    if global_scale is not None:
+        gs = torch.tensor([float(global_scale)], dtype=torch.float32)
+    else:
+        amax = torch.tensor([float(x.abs().max() if global_amax is None else global_amax)], dtype=torch.float32)
+        gs = 2688.0 / torch.clamp(amax, min=torch.finfo(torch.float32).tiny)  # torch: reciprocal() * 2688
+        gs = torch.nan_to_num(gs, nan=1.0, posinf=1.0, neginf=1.0)
+    if arith == "compressed_tensors":
+        s8 = torch.clamp(gs * (amax_b / 6.0), -448.0, 448.0).to(torch.float8_e4m3fn)
+        s8 = torch.where(s8.float() == 0, torch.tensor(0.125), s8.float()).to(torch.float8_e4m3fn)
+        y = x.reshape(rows, k // 16, 16) / (s8.float() / gs).unsqueeze(-1)
+    else:
+        s8 = torch.clamp(gs * (amax_b * (1.0 / 6.0)), -448.0, 448.0).to(torch.float8_e4m3fn)
+        t = s8.float() * (1.0 / gs)
+        y = x.reshape(rows, k // 16, 16) * (1.0 / torch.where(t == 0, torch.tensor(1e8), t)).unsqueeze(-1)
+    codes = _e2m1_nearest_even(torch.clamp(y.reshape(rows, k), -6.0, 6.0))
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    return packed, s8, gs
+
+
+def _nvfp4_hard_inputs() -> list[torch.Tensor]:
+    """Spread magnitudes, zero blocks/rows, outliers, tiny values, signed zeros and exact E2M1 ties (with a global
+    scale of 1 and a block amax of 6 * 2^q the block scale is 2^q, so y = w / 2^q hits the ties exactly)."""
+    g = torch.Generator().manual_seed(42)
+    spread = torch.randn(48, 256, generator=g) * torch.exp(torch.randn(48, 1, generator=g) * 3)
+    spread[0] = 0.0
+    spread[1, :48] = 0.0
+    spread[2, 16:32] = -0.0
+    spread[3, 5] = 1e4
+    spread[4] *= 1e-6
+    ties = torch.tensor([6, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5, 0.0])
+    near = torch.stack(
+        [ties, ties.view(torch.int32).add(1).view(torch.float32), ties.view(torch.int32).sub(1).view(torch.float32)]
+    )
+    near[1:, 0] = 6.0  # keep the block amax (and so the scale) exact
+    near[1:, 15] = 0.0  # (the bit neighbours of 0.0 are a denormal and a NaN)
+    tie_rows = torch.cat([near * 2.0**q for q in range(-6, 4)]).repeat(1, 4)  # [30, 64]
+    return [spread, tie_rows]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arith", ["compressed_tensors", "vllm"])
+def test_nvfp4_matches_straightforward_reference(arith, dtype):
+    """Every NVFP4 option that changes the arithmetic, bit for bit against ``_straightforward_nvfp4`` (independent
+    of compressed-tensors / vLLM, so it also runs where they are not installed)."""
+    spread, tie_rows = _nvfp4_hard_inputs()
+    cases = [
+        (spread, {}),
+        (spread, {"block_2d": True}),
+        (spread, {"global_amax": float(spread.to(dtype).float().abs().max()) * 3}),
+        (spread[:, :40], {"pad": True}),
+        (tie_rows, {"global_scale": 1.0}),
+        (spread[:30].reshape(3, 10, 256), {}),  # 3-D input
+        (spread.t().contiguous().t()[:, :128], {}),  # non-contiguous input
+    ]
+    for w, opts in cases:
+        w = w.to(dtype)
+        qt = te_ext.quantize(w, "nvfp4", arith=arith, **opts)
+        ref_in = torch.nn.functional.pad(w, (0, (-w.shape[-1]) % 16)) if opts.get("pad") else w
+        ref_opts = {k: v for k, v in opts.items() if k != "pad"}
+        packed, s8, gs = _straightforward_nvfp4(ref_in, arith, **ref_opts)
+        what = f"{arith} {dtype} {tuple(w.shape)} {opts}"
+        assert_bits_equal(qt.codes.reshape(packed.shape), packed, f"codes, {what}")
+        assert_bits_equal(qt.scales["weight_scale"].reshape(s8.shape), s8, f"block scales, {what}")
+        assert_bits_equal(qt.scales["weight_global_scale"], gs, f"global scale, {what}")
+
+
 # ------------------------------------------------------------------------------------------------ NVFP4
 # (2, 40960): rows longer than a te_ext tile, so each row is split into column tiles
 NVFP4_SHAPES = [(1, 16), (16, 16), (33, 48), (64, 256), (128, 1024), (7, 3, 64), (2, 40960)]
@@ -640,7 +747,7 @@ def test_int8_matches_compressed_tensors(shape, dtype):
     qt = te_ext.quantize(w, "int8", arith="compressed_tensors")
     assert_bits_equal(qt.codes, ref["weight"], "CT codes")
     assert_bits_equal(qt.scales["weight_scale"], ref["weight_scale"], "CT scales")
-    # default (DESIGN / vLLM): scale amax/127; compressed-tensors quantize/dequantize with that scale agree
+    # default (vLLM): scale amax/127; compressed-tensors quantize/dequantize with that scale agree
     qd = te_ext.quantize(w, "int8")
     amax = w.float().abs().amax(dim=-1, keepdim=True)
     assert_bits_equal(
@@ -825,3 +932,44 @@ def test_emulation_unquantized_is_plain_linear():
     assert torch.equal(emulation.fake_quant_linear(x, w, None, "none"), x @ w.T)
     with pytest.raises(ValueError, match="unknown emulated format"):
         emulation.fake_quant_linear(x, w, None, "fp6")
+
+
+# ------------------------------------------------------------------------------------------- format descriptors
+def test_format_descriptors() -> None:
+    from te_ext.formats import DESCRIPTORS, EXPORT_FORMATS
+    from te_ext.vllm_export import checkpoint_layout
+
+    assert te_ext.ROLLOUT_FORMATS == ("bf16", "nvfp4", "fp8", "int8")
+    assert te_ext.ROLLOUT_FORMATS[1:] == EXPORT_FORMATS
+    assert set(te_ext.FORMATS) | {"bf16"} == set(DESCRIPTORS)
+    nv, fp8, int8, bf16 = (te_ext.format_descriptor(f) for f in ("nvfp4", "fp8", "int8", "bf16"))
+    assert (nv.block_k, te_ext.format_descriptor("mxfp4").block_k, fp8.block_k, bf16.block_k) == (16, 32, None, None)
+    assert nv.shared_stat("qkv", True) == nv.shared_stat("row", False) == "global_amax"
+    assert fp8.shared_stat("row", True) == int8.shared_stat("row", True) == "row_amax"
+    assert fp8.shared_stat("qkv", True) is None and fp8.shared_stat("row", False) is None
+    assert nv.replicated_components("qkv") == nv.replicated_components("row") == ("weight_global_scale",)
+    assert fp8.replicated_components("row") == ("weight_scale",) and fp8.replicated_components("fc1") == ()
+    assert (nv.activation_format, fp8.activation_format, int8.activation_format) == (None, "fp8", "int8")
+    assert (nv.probe_tolerance, fp8.probe_tolerance, bf16.probe_tolerance) == (0.05, 0.1, 0.05)
+    assert nv.checkpoint_layout((8, 32)) == checkpoint_layout("nvfp4", (8, 32))
+    assert bf16.checkpoint_layout((8, 32)) == [("", (8, 32), torch.bfloat16)]
+    assert nv.shard_local(32) and not nv.shard_local(24) and fp8.shard_local(3)
+    with pytest.raises(ValueError, match="unknown format"):
+        te_ext.format_descriptor("fp4")
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8", "int8"])
+def test_split_quantize_options_shards_match_whole(fmt: str) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(8, 64, dtype=torch.bfloat16)
+    shards = list(w.chunk(2, dim=1))
+    whole = te_ext.quantize(w, fmt, **te_ext.split_quantize_options(fmt, w, "row", False, lambda t: t))
+    stats = [te_ext.split_quantize_options(fmt, s, "row", True, lambda t: t) for s in shards]
+    key = "global_amax" if fmt == "nvfp4" else "row_amax"
+    reduced = torch.maximum(stats[0][key], stats[1][key])
+    parts = [
+        te_ext.quantize(s, fmt, **te_ext.split_quantize_options(fmt, s, "row", True, lambda t: reduced.clone()))
+        for s in shards
+    ]
+    deq = torch.cat([p.dequantize(torch.float32) for p in parts], dim=1)
+    assert torch.equal(deq, whole.dequantize(torch.float32))

@@ -76,7 +76,7 @@ def _block_model_config():
 
     # 128x128 FP8 blocks: vLLM requires every fused member but the last to have a multiple of 128 rows, which the
     # default tiny model (k/v 64 rows, gate/up 352) violates; 4 KV heads (k/v 128 rows) and FFN 384 satisfy it.
-    return TinyModelConfig(num_kv_heads=4, ffn_hidden_size=384)
+    return TinyModelConfig(num_query_groups=4, ffn_hidden_size=384)
 
 
 def _load(folder: Path) -> dict[str, torch.Tensor]:
@@ -115,10 +115,14 @@ def _act_quant(kind: str | None, x: torch.Tensor, input_global_scale: torch.Tens
 
 
 def reference_logprobs(
-    model_dir: Path, state: dict[str, torch.Tensor], act: str | None = None, input_scales: dict | None = None
+    model_dir: Path,
+    state: dict[str, torch.Tensor],
+    act: str | None = None,
+    input_scales: dict | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> list[list[float]]:
-    """transformers float32 forward of ``state``; optionally with activation fake-quant before every linear."""
-    model = _hf_model(model_dir, state)
+    """transformers forward of ``state`` (float32 unless ``dtype``); optionally with activation fake-quant."""
+    model = _hf_model(model_dir, state).to(dtype)
     if act is not None:
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in DEFAULT_TARGETS:
@@ -134,6 +138,11 @@ def reference_logprobs(
 
 def max_gap(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
+
+
+def mean_gap(a: list[list[float]], b: list[list[float]]) -> float:
+    gaps = [abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)]
+    return sum(gaps) / len(gaps)
 
 
 @contextmanager
@@ -516,12 +525,20 @@ LAYER_TOL = 4e-3
 #   fp8-channel  0.025  (0.026)  | 0.039                                  1.7e-3 | 3.6e-2
 #   int8         0.011  (0.0071) | 0.011                                  1.7e-3 | 9.4e-3
 #   fp8-block    0.044  (0.029)  | 0.057                                  1.7e-3 | 3.5e-2
+# and on a 2-core Intel Xeon with AMX (bf16/int8, no AMX-FP8), where vLLM serves FP8 block with its W8A16 AMX kernel:
+#   nvfp4-w4a16  0.0038 (0.0038) | 0.129                                  1.7e-3 | 9.3e-2
+#   nvfp4-w4a4   0.089  (0.126)  | 0.172                                  2.4e-3 | 1.3e-1
+#   fp8-channel  0.028  (0.031)  | 0.038                                  1.7e-3 | 3.6e-2
+#   int8         0.0079 (0.0088) | 0.012                                  1.7e-3 | 9.4e-3
+#   fp8-block    0.0040 (0.0040) | 0.051                                  2.4e-3 | 2.6e-2
+# The max-gap tolerance of each format is below its reference's own distance to the bf16 model (W4A4: 0.175,
+# INT8: 0.011) or, where the two overlap (INT8), the mean-gap check decides (logprob_failures).
 # (bf16 engine vs the same float32 transformers forward: 0.0026.) W8A8 / W4A4 logprob gaps are large because
 # per-token activation quantization amplifies the engine's bf16 rounding differences (codes flip); the layer
 # probe, which feeds both sides the same input, is the tight check of those formats.
 CASES = [
     Case("nvfp4-w4a16", "nvfp4", {}, None, ("EmulationNvFp4W4A16LinearKernel",), 0.01, 0.05, 0.05),
-    Case("nvfp4-w4a4", "nvfp4", {}, "nvfp4", ("EmulationNvFp4LinearKernel",), 0.2, 0.05, 0.05, w4a4=True),
+    Case("nvfp4-w4a4", "nvfp4", {}, "nvfp4", ("EmulationNvFp4LinearKernel",), 0.14, 0.05, 0.05, w4a4=True),
     Case(
         "fp8-channel",
         "fp8",
@@ -538,7 +555,7 @@ CASES = [
         {},
         "int8",
         ("CPUInt8ScaledMMLinearKernel", "ZentorchInt8ScaledMMLinearKernel"),
-        0.025,
+        0.016,
         0.005,
         0.005,
     ),
@@ -623,10 +640,33 @@ def test_engine_logprobs_match_dequantized_reference(engine_run: EngineRun):
     )
     print(
         f"\n[{case.id}] max |logprob gap|: engine vs reference {gap:.4f} (weights-only reference {gap_w:.4f}), "
-        f"engine vs bf16 model {gap_bf16:.4f}, reference vs bf16 {max_gap(ref, bf16):.4f}"
+        f"engine vs bf16 model {gap_bf16:.4f}, reference vs bf16 {max_gap(ref, bf16):.4f}; mean: engine vs "
+        f"reference {mean_gap(engine_run.logprobs, ref):.4f}, engine vs bf16 {mean_gap(engine_run.logprobs, bf16):.4f}"
+        f", reference vs bf16 {mean_gap(ref, bf16):.4f}"
     )
-    assert gap <= case.logprob_tol
-    assert gap_bf16 >= case.min_bf16_gap, "the engine's logprobs are (nearly) those of the bf16 model"
+    assert not logprob_failures(engine_run.logprobs, ref, bf16, case)
+    # The gate fires: an unquantized engine computes the bf16 model in bf16; a transformers bf16 forward stands in
+    # for it (its rounding noise is of the engine's size), and these checks must reject it.
+    unquantized = reference_logprobs(engine_run.model_dir, engine_run.source, dtype=torch.bfloat16)
+    assert logprob_failures(unquantized, ref, bf16, case), f"[{case.id}] an unquantized engine passes these checks"
+
+
+def logprob_failures(
+    engine: list[list[float]], ref: list[list[float]], bf16: list[list[float]], case: Case
+) -> list[str]:
+    """Why engine logprobs are not those of ``case``'s format (empty: they are)."""
+    failures = []
+    if max_gap(engine, ref) > case.logprob_tol:
+        failures.append(f"max |engine - reference| {max_gap(engine, ref):.4f} > {case.logprob_tol}")
+    if max_gap(engine, bf16) < case.min_bf16_gap:
+        failures.append(f"max |engine - bf16| {max_gap(engine, bf16):.4f} < {case.min_bf16_gap}")
+    # INT8's weight error is so small that the max gaps of a quantized and an unquantized engine overlap (0.008 vs
+    # 0.011 nats); on average over all scored tokens the quantized engine is still clearly nearer its reference.
+    if not mean_gap(engine, ref) < mean_gap(engine, bf16):
+        failures.append(
+            f"mean |engine - reference| {mean_gap(engine, ref):.4f} >= mean |engine - bf16| {mean_gap(engine, bf16):.4f}"
+        )
+    return failures
 
 
 @pytest.mark.e2e

@@ -1,32 +1,14 @@
-"""Policy losses on per-token log-probabilities.
+"""Per-token loss pieces: the supervised NLL and the aggregation of any per-token loss.
 
 Every function works on [batch, seq] tensors aligned with the labels (position t scores token t+1) and a 0/1
-`mask` marking completion tokens; it returns the per-token loss so the caller aggregates it (token or sequence
-mean) with the right global normaliser across micro-batches and DP ranks.
+`mask` marking completion tokens; a per-token loss is returned so the caller aggregates it (token or sequence
+mean) with the right global normaliser across micro-batches and DP ranks. The PPO clip loss, with its rollout
+corrections, is `qrl_megatron.algos.corrections.corrected_ppo_token_loss`.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def ppo_clip_token_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """-min(R·A, clip(R, 1-clip_low, 1+clip_high)·A) per token, R = π_θ/π_old; A is per sequence ([batch])."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages.unsqueeze(-1).to(logprobs.dtype)
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
-    loss = -torch.minimum(unclipped, clipped) * mask
-    with torch.no_grad():
-        clipped_tokens = ((clipped < unclipped).float() * mask).sum()
-    return loss, {"clipped_tokens": clipped_tokens, "ratio_sum": (ratio.detach() * mask).sum()}
 
 
 def sft_token_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

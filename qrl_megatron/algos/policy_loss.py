@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import torch
 
+from qrl_megatron.algos.config import AlgoConfig
 from qrl_megatron.algos.corrections import corrected_ppo_token_loss, kl_penalty
 from qrl_megatron.algos.losses import aggregate, sft_token_loss
-from qrl_megatron.config import AlgoConfig
 from qrl_megatron.learner.batch import TokenBatch
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]

@@ -11,46 +11,61 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from qrl_megatron.config import QRLConfig
+from qrl_megatron.bridge.config import SyncConfig
 
 
 class WeightSync(Protocol):
+    plan: Any  # the bridge's SyncPlan (its bf16 exclusions shape the quantized rollout checkpoint), or None
+
     def __call__(self, learner: Any, engine: Any | None, step: int) -> dict[str, float]: ...
 
 
-def rollout_target(cfg: QRLConfig) -> Any:
+def rollout_target(sync: SyncConfig, rollout_format: str, engine_tp: int) -> Any:
+    """What the bridge streams to: the engine's weight format (``rollout.quant``) and TP size (``rollout.tp``)."""
     from qrl_megatron.bridge.plan import RolloutTarget
 
     return RolloutTarget(
-        fmt=cfg.rollout.quant,
-        engine_tp=cfg.rollout.tp,
-        exclude=tuple(cfg.sync.exclude),
-        bucket_bytes=max(1, int(cfg.sync.bucket_mib * 2**20)),
+        fmt=rollout_format,
+        engine_tp=engine_tp,
+        exclude=tuple(sync.exclude),
+        bucket_bytes=max(1, int(sync.bucket_mib * 2**20)),
     )
 
 
 def make_weight_sync(
-    cfg: QRLConfig, spec: Any, model_dir: str | Path, probe_sequences: Sequence[Sequence[int]], is_dst: bool
+    sync: SyncConfig,
+    spec: Any,
+    model_dir: str | Path,
+    probe_sequences: Sequence[Sequence[int]],
+    is_dst: bool,
+    *,
+    learner_parallel: tuple[int, int, int],
+    rollout_format: str,
+    engine_tp: int,
 ) -> WeightSync:
-    if cfg.sync.method == "full":
+    """The sync ``sync.method`` names, from a learner at ``learner_parallel`` = (tp, pp, dp) to an engine holding
+    ``rollout_format`` weights at TP ``engine_tp``; ``is_dst``: this rank drives the engine (and runs the probe)."""
+    if sync.method == "full":
         from qrl_megatron.bridge.full_sync import FullWeightSync
 
         return FullWeightSync()
     from qrl_megatron.bridge.plan import build_plan
     from qrl_megatron.bridge.sync import BridgeWeightSync, LogprobProbe
+    from te_ext.formats import format_descriptor
 
-    plan = build_plan(spec, cfg.learner.tp, cfg.learner.pp, cfg.learner.dp, rollout_target(cfg))
+    tp, pp, dp = learner_parallel
+    plan = build_plan(spec, tp, pp, dp, rollout_target(sync, rollout_format, engine_tp))
     probe = None
-    if is_dst and cfg.sync.probe_every > 0:
+    if is_dst and sync.probe_every > 0:
         quantized = plan.linear_modules(quantized=True)
-        activation_fmt = cfg.rollout.quant if cfg.rollout.quant in ("fp8", "int8") else None  # W8A8 engines
+        activation_fmt = format_descriptor(rollout_format).activation_format  # W8A8 engines: per token
         probe = LogprobProbe(model_dir, probe_sequences, activation_fmt, quantized)
     return BridgeWeightSync(
         plan,
-        verify_checksums=cfg.sync.verify_checksums,
+        verify_checksums=sync.verify_checksums,
         probe=probe,
-        probe_every=cfg.sync.probe_every,
+        probe_every=sync.probe_every,
         # W8A8 engines quantize activations per token in bf16; the float32 reference emulates it only approximately
         # (measured on the warm-started policy, FP8: mean gap 0.040 with the emulation, 0.056 without)
-        probe_tolerance=cfg.sync.probe_tolerance or (0.1 if cfg.rollout.quant in ("fp8", "int8") else 0.05),
+        probe_tolerance=sync.probe_tolerance or format_descriptor(rollout_format).probe_tolerance,
     )

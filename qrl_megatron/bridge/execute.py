@@ -4,7 +4,7 @@ For every unit of a bucket, the TP group of the owning pipeline stage (data-para
 tensors and the stage's TP rank 0 sends them point-to-point to the rank that drives the engine. Where the format
 allows, each TP rank quantizes its own shard *before* the gather -- the NVFP4 global amax (shared by the fused
 QKV / gate-up members, as vLLM requires) and the per-row amax of row-split FP8/INT8 weights are all-reduced (MAX)
-first, the per-row and per-16-block scales are shard-local -- so the TP traffic is the quantized bytes and the
+first, the per-row and per-block scales are shard-local -- so the TP traffic is the quantized bytes and the
 result is bit-identical to quantizing the gathered weight. Buffers on the receiver come from the plan (shapes and
 dtypes are known in advance), so no metadata is exchanged.
 """
@@ -31,10 +31,10 @@ _BYTE_VIEW = (torch.float8_e4m3fn,)
 
 def local_parameters(model: torch.nn.Module, spec: Any, layout: ParallelLayout) -> dict[str, torch.Tensor]:
     """This rank's parameters under their global, local-spec Megatron names (the plan's ``source`` names)."""
-    from qrl_megatron.learner.model import _global_name, unwrap_model
+    from qrl_megatron.learner.model import global_param_name, unwrap_model
 
     offset = pp_layer_offset(layout.pp_rank, spec.num_layers, layout.pp)
-    return {to_local_spec_norm_name(_global_name(n, offset)): p for n, p in unwrap_model(model).named_parameters()}
+    return {to_local_spec_norm_name(global_param_name(n, offset)): p for n, p in unwrap_model(model).named_parameters()}
 
 
 def check_layout(plan: SyncPlan, layout: ParallelLayout) -> None:
@@ -63,18 +63,11 @@ def _quantize(t: torch.Tensor, unit: TransferUnit, group: Any, sharded: bool) ->
     """Quantize a (shard of a) weight with the scale statistics of the whole tensor; returns checkpoint tensors."""
     import te_ext
 
-    options: dict[str, Any] = {}
-    if unit.fmt == "nvfp4":
-        amax = t.detach().abs().amax().float().reshape(1)
-        if sharded:
-            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
-        options["global_amax"] = amax.reshape(())
-    else:
-        options["granularity"] = "channel"
-        if sharded and unit.split == "row":
-            row_amax = t.detach().abs().amax(dim=1).float()
-            dist.all_reduce(row_amax, op=dist.ReduceOp.MAX, group=group)
-            options["row_amax"] = row_amax
+    def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+        return x
+
+    options = te_ext.split_quantize_options(unit.fmt, t, unit.split, sharded, all_reduce_max)
     return te_ext.quantize(t.detach(), unit.fmt, **options).state_dict("")
 
 
@@ -84,7 +77,9 @@ def _assemble(
     """Full checkpoint tensors of one unit (keyed by component suffix per HF output), on every rank of the TP group."""
     sharded = layout.tp > 1 and unit.split != "replicated"
     local = param.detach()
-    if unit.fmt == "bf16":
+    import te_ext
+
+    if not te_ext.format_descriptor(unit.fmt).quantized:  # passthrough (bf16): the weight itself travels
         t = local.to(torch.bfloat16)
         full = unshard_from_tp(unit.source, _all_gather(t, group, layout.tp), spec) if sharded else t
         return {"": full}
@@ -92,9 +87,7 @@ def _assemble(
         components = _quantize(local, unit, group, sharded=True)
         out = {}
         for suffix, c in components.items():
-            replicated = suffix == "weight_global_scale" or (
-                suffix == "weight_scale" and unit.fmt != "nvfp4" and unit.split == "row"
-            )
+            replicated = suffix in unit.replicated_components
             out[suffix] = c if replicated else unshard_from_tp(unit.source, _all_gather(c, group, layout.tp), spec)
         return out
     full = unshard_from_tp(unit.source, _all_gather(local, group, layout.tp), spec) if sharded else local
@@ -103,9 +96,12 @@ def _assemble(
 
 def _to_wire(unit: TransferUnit, components: dict[str, torch.Tensor], spec: Any) -> dict[str, torch.Tensor]:
     """Split the assembled components into the HF-named wire tensors, checked against the plan."""
+    import te_ext
+
+    per_tensor = te_ext.format_descriptor(unit.fmt).per_tensor_components
     by_output: dict[str, dict[str, torch.Tensor]] = {}
     for suffix, tensor in components.items():
-        if suffix == "weight_global_scale":  # one per tensor: every fused member carries the shared value
+        if suffix in per_tensor:  # one per tensor: every fused member carries the shared value
             pieces = [(name, tensor.clone()) for name in unit.outputs]
         else:
             pieces = megatron_param_to_hf(unit.source, tensor, spec)

@@ -10,6 +10,8 @@ import torch.distributed as dist
 
 
 class FullWeightSync:
+    plan = None  # no resharding plan: full bf16 weights
+
     def __call__(self, learner: Any, engine: Any | None, step: int) -> dict[str, float]:
         start = time.perf_counter()
         weights = learner.gather_hf_weights(dtype=torch.bfloat16, dst=0)

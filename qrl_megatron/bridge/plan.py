@@ -25,9 +25,11 @@ from qrl_megatron.models.hf_mapping import (
     tp_split_kind,
 )
 from qrl_megatron.models.registry import ModelSpec
+from qrl_megatron.platform import validate_layout
+from te_ext.formats import ROLLOUT_FORMATS as WIRE_FORMATS
+from te_ext.formats import format_descriptor
 
-QUANT_FORMATS = ("nvfp4", "fp8", "int8")
-WIRE_FORMATS = ("bf16", *QUANT_FORMATS)
+QUANT_FORMATS = tuple(f for f in WIRE_FORMATS if format_descriptor(f).quantized)
 # The linears vLLM's Qwen2/Llama load quantized (its packed modules qkv_proj, gate_up_proj and the two row-parallel
 # projections); everything else (embeddings, norms, biases) always travels in bf16.
 QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -91,9 +93,14 @@ class TransferUnit:
     outputs: tuple[str, ...]  # the HF parameters it becomes
     fmt: str  # "bf16" or the quantized format
     quantize_before_gather: bool  # TP shards quantized locally (shared amax all-reduced), codes gathered
-    transforms: tuple[str, ...]  # the steps in order, for humans and logs
+    transforms: tuple[str, ...]  # the steps in order, for humans and logs (the executor reads the fields below)
     wire: tuple[WireTensor, ...]  # what is streamed, in order
     bucket: int
+    # executable steps (from te_ext.format_descriptor(fmt)): the statistic of the whole tensor the quantizer takes
+    # ("global_amax" | "row_amax" | None; all-reduced MAX over TP when quantize_before_gather), and the checkpoint
+    # components that are equal on every TP rank after a shard-local quantization (not gathered)
+    shared_stat: str | None = None
+    replicated_components: tuple[str, ...] = ()
 
     @property
     def sender(self) -> int:
@@ -224,34 +231,23 @@ def _check_engine_tp(spec: ModelSpec, target: RolloutTarget) -> None:
         )
     if spec.ffn_hidden_size % t:
         raise ValueError(f"rollout.tp={t} must divide ffn_hidden_size={spec.ffn_hidden_size}")
-    if target.fmt == "nvfp4":
+    block = format_descriptor(target.fmt).block_k
+    if block is not None:
         for what, k in (
             ("o_proj input", spec.num_attention_heads * spec.kv_channels),
             ("down_proj input", spec.ffn_hidden_size),
         ):
-            if (k // t) % 16:
+            if (k // t) % block:
                 raise ValueError(
-                    f"rollout.quant=nvfp4 with rollout.tp={t}: the {what} dimension per engine rank ({k // t}) is not "
-                    "a multiple of the 16-element NVFP4 block; use a smaller rollout.tp"
+                    f"rollout.quant={target.fmt} with rollout.tp={t}: the {what} dimension per engine rank "
+                    f"({k // t}) is not a multiple of the {block}-element {target.fmt.upper()} block; use a smaller "
+                    "rollout.tp"
                 )
 
 
 def build_plan(spec: ModelSpec, tp: int, pp: int, dp: int, target: RolloutTarget) -> SyncPlan:
     """The ordered transfer units of one sync (see the module docstring). Same result on every rank."""
-    from qrl_megatron.platform import validate_layout
-    from te_ext.vllm_export import checkpoint_layout
-
-    validate_layout(
-        tp,
-        pp,
-        dp,
-        tp * pp * dp,
-        num_layers=spec.num_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_query_groups,
-        vocab_size=spec.vocab_size,
-        ffn_hidden_size=spec.ffn_hidden_size,
-    )
+    validate_layout(tp, pp, dp, tp * pp * dp, model=spec)
     _check_engine_tp(spec, target)
     units: list[TransferUnit] = []
     bucket, bucket_fill = 0, 0
@@ -265,38 +261,42 @@ def build_plan(spec: ModelSpec, tp: int, pp: int, dp: int, target: RolloutTarget
         fmt = _unit_format(source, outputs, target)
         sharded = tp > 1 and kind != "replicated"
 
+        desc = format_descriptor(fmt)
         transforms: list[str] = []
         before_gather = False
-        if fmt == "bf16":
-            transforms.append("cast bf16")
+        shared_stat: str | None = None
+        replicated: tuple[str, ...] = ()
+        if not desc.quantized:
+            transforms.append(f"cast {fmt}")
             if sharded:
                 transforms.append(f"gather TP ({kind})")
         else:
             k_local = shape[1] // tp if kind == "row" else shape[1]
-            before_gather = sharded and not (fmt == "nvfp4" and k_local % 16)
-            shared = {
-                "nvfp4": "global amax (all-reduce MAX over TP)" if sharded else "global amax",
-                "fp8": "row amax (all-reduce MAX over TP)" if sharded and kind == "row" else None,
-                "int8": "row amax (all-reduce MAX over TP)" if sharded and kind == "row" else None,
-            }[fmt]
+            before_gather = sharded and desc.shard_local(k_local)
+            shared_stat = desc.shared_stat(kind, before_gather)
+            label = shared_stat.replace("_", " ") if shared_stat else None
             if before_gather:
-                transforms += [s for s in (shared,) if s] + [f"quantize {fmt}", f"gather TP codes ({kind})"]
+                replicated = desc.replicated_components(kind)
+                if label:
+                    transforms.append(f"{label} (all-reduce MAX over TP)")
+                transforms += [f"quantize {fmt}", f"gather TP codes ({kind})"]
             else:
                 transforms += [f"gather TP ({kind})"] if sharded else []
-                transforms += [s for s in (shared and shared.split(" (")[0],) if s] + [f"quantize {fmt}"]
+                transforms += [label] if label else []
+                transforms.append(f"quantize {fmt}")
         if len(outputs) == 3:
             transforms.append("split QKV (GQA groups)")
         elif len(outputs) == 2:
             transforms.append("split gate/up")
 
         wire: list[WireTensor] = []
-        hf_shapes = _output_shapes(source, shape, outputs, spec)
+        hf_shapes = _output_shapes(shape, outputs, spec)
         for name, out_shape in zip(outputs, hf_shapes, strict=True):
-            if fmt == "bf16":
+            if not desc.quantized:
                 wire.append(WireTensor(name, out_shape, torch.bfloat16))
             else:
                 module = name[: -len(".weight")]
-                wire += [WireTensor(f"{module}.{suffix}", s, d) for suffix, s, d in checkpoint_layout(fmt, out_shape)]
+                wire += [WireTensor(f"{module}.{sfx}", s, d) for sfx, s, d in desc.checkpoint_layout(out_shape)]
 
         nbytes = sum(w.nbytes for w in wire)
         if bucket_fill and bucket_fill + nbytes > target.bucket_bytes:
@@ -316,14 +316,14 @@ def build_plan(spec: ModelSpec, tp: int, pp: int, dp: int, target: RolloutTarget
                 transforms=tuple(transforms),
                 wire=tuple(wire),
                 bucket=bucket,
+                shared_stat=shared_stat,
+                replicated_components=replicated,
             )
         )
     return SyncPlan(spec=spec, tp=tp, pp=pp, dp=dp, target=target, units=tuple(units))
 
 
-def _output_shapes(
-    source: str, shape: tuple[int, ...], outputs: tuple[str, ...], spec: ModelSpec
-) -> list[tuple[int, ...]]:
+def _output_shapes(shape: tuple[int, ...], outputs: tuple[str, ...], spec: ModelSpec) -> list[tuple[int, ...]]:
     tail = shape[1:]
     if len(outputs) == 3:
         d = spec.kv_channels

@@ -11,7 +11,7 @@ wire format), so a stale or mis-loaded engine stops the run instead of silently 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +107,6 @@ class BridgeWeightSync:
         self.params: dict[str, torch.Tensor] | None = None
         self.quantized_names = {w.name for u in plan.units if u.fmt != "bf16" for w in u.wire}
         self.quantized_bf16_bytes = plan.quantized_bytes[1]
-        # Test hook: called on each bucket after its checksums are taken, as if the transport had altered it.
-        self.corrupt_in_transit: Callable[[Tensors], Tensors] | None = None
 
     def __call__(self, learner: Any, engine: Any | None, step: int) -> dict[str, float]:
         layout = learner.layout
@@ -131,8 +129,6 @@ class BridgeWeightSync:
             if wire is None or failure is not None:
                 continue
             sums = checksums(wire) if self.verify_checksums else {}
-            if self.corrupt_in_transit is not None:
-                wire = self.corrupt_in_transit(wire)
             try:
                 engine.update_weights(wire, sums)  # type: ignore[union-attr]
             except Exception as e:  # noqa: BLE001 - re-raised once the collectives are done

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, Value, load_dataset
 
-from qrl_megatron.config import ConfigError, TaskConfig
+from qrl_megatron.config_fields import ConfigError
+from qrl_megatron.data.config import TaskConfig
 
 REQUIRED_COLUMNS = ("prompt", "answer")
 

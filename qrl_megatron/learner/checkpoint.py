@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 MARKER = "COMPLETE"
-# ENVIRONMENT.md: the default DistributedOptimizer sharding fails on gloo and fully_reshardable fails to load.
+# megatron-core on gloo: the default DistributedOptimizer sharding fails and fully_reshardable fails to load.
 OPTIMIZER_SHARDING = "dp_reshardable"
 
 
@@ -59,6 +59,6 @@ def load_checkpoint(model: Any, optimizer: Any, directory: str | Path) -> dict[s
         )
     state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path))
     model.load_state_dict(state["model"])
-    with torch.no_grad():  # ENVIRONMENT.md: loading the fp32 optimizer state needs no_grad
+    with torch.no_grad():  # megatron-core on CPU/gloo: the fp32 optimizer state loads only under no_grad
         optimizer.load_state_dict(state["optimizer"])
     return json.loads((path / MARKER).read_text() or "{}")

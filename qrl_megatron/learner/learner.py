@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from qrl_megatron.config import LearnerConfig
 from qrl_megatron.learner.batch import TokenBatch
+from qrl_megatron.learner.config import LearnerConfig
 from qrl_megatron.learner.model import build_gpt_model, gather_hf_state_dict, load_hf_state_dict
 from qrl_megatron.learner.precision import apply_precision, precision_autocast
 from qrl_megatron.models.registry import ModelSpec
@@ -26,21 +26,32 @@ from qrl_megatron.platform import ParallelLayout
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def scheduled_lr(cfg: LearnerConfig, step: int, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (1-based): linear warm-up, then constant or cosine decay.
+def scheduled_lr(
+    peak: float,
+    step: int,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    min_ratio: float = 0.1,
+) -> float:
+    """Learning rate of optimizer step `step`: linear warm-up to `peak`, then constant or cosine decay.
+
+    The cosine reaches `peak * min_ratio` at `total_steps`. The RL phase counts steps from 1 with the
+    `learner.lr_*` settings; the warm-start counts from 0 with no warm-up (cosine to 10%: it is short, and a
+    constant rate ends noisy).
 
     Warm-up: Adam's first updates move every parameter by about the learning rate whatever the gradient's size
     (the second-moment estimate is still tiny); with noisy policy gradients that is a random jump, measured on the
     tiny model as a reward drop from 0.59 to 0.42 after one step at 1e-4. Decay: at a constant rate the held-out
     accuracy kept oscillating by +-5 points late in the run, and the final policy is the one that is kept.
     """
-    if cfg.lr_warmup_steps and step <= cfg.lr_warmup_steps:
-        return cfg.lr * step / cfg.lr_warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    span = max(1, total_steps - cfg.lr_warmup_steps)
-    progress = min(1.0, (step - cfg.lr_warmup_steps) / span)
-    return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if warmup_steps and step <= warmup_steps:
+        return peak * step / warmup_steps
+    if schedule == "constant":
+        return peak
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def token_logprobs_and_entropy(

@@ -59,17 +59,7 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    validate_layout(
-        layout.tp,
-        layout.pp,
-        layout.dp,
-        layout.world_size,
-        num_layers=spec.num_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_query_groups,
-        vocab_size=spec.vocab_size,
-        ffn_hidden_size=spec.ffn_hidden_size,
-    )
+    validate_layout(layout.tp, layout.pp, layout.dp, layout.world_size, model=spec)
     config = transformer_config(spec, layout.tp, layout.pp, params_dtype=params_dtype, **dict(config_overrides or {}))
     if use_te is None:
         use_te = _te_available()
@@ -123,7 +113,8 @@ def _local_name(global_name: str, offset: int, layers_per_stage: int) -> str | N
     return None
 
 
-def _global_name(local_name: str, offset: int) -> str:
+def global_param_name(local_name: str, offset: int) -> str:
+    """A stage-local Megatron parameter name with its layer index shifted by the stage's first layer (``offset``)."""
     i, rest = megatron_layer_index(local_name)
     return local_name if i is None else f"decoder.layers.{i + offset}.{rest}"
 
@@ -216,7 +207,7 @@ def gather_hf_state_dict(
         for name, p in params:
             if spec.tie_word_embeddings and name == "output_layer.weight":
                 continue  # last stage's copy of the tied embedding
-            global_name = _global_name(name, offset)
+            global_name = global_param_name(name, offset)
             t = p.detach()
             if dtype is not None:
                 t = t.to(dtype)

@@ -17,12 +17,15 @@
   ======  ==========================================================  =============================================
   format  weights ``Q_w``                                             activations ``Q_a``
   ======  ==========================================================  =============================================
-  fp8     E4M3, one per-tensor scale ``amax/448`` (TE                  E4M3 dynamic per token (vLLM's W8A8 FP8,
+  fp8     E4M3, one per-tensor scale ``amax / E4M3 max`` (TE          E4M3 dynamic per token (vLLM's W8A8 FP8,
           ``Float8CurrentScaling``'s weight granularity)              ``te_ext.quantize_activation_per_token``)
-  nvfp4   E2M1, 16-element blocks along the input dim, E4M3 block     the same NVFP4 layout with a dynamic per-tensor
-          scales, one fp32 global scale per tensor (compressed-        global scale (vLLM's NVFP4 emulation arith,
-          tensors arith)                                              W4A4)
+  nvfp4   E2M1, ``block_k``-element blocks along the input dim, E4M3  the same NVFP4 layout with a dynamic per-tensor
+          block scales, one fp32 global scale per tensor              global scale (vLLM's NVFP4 emulation arith,
+          (compressed-tensors arith)                                  W4A4)
   ======  ==========================================================  =============================================
+
+  The numbers behind these words (``block_k`` = ``te_ext.formats.format_descriptor(fmt).block_k``, the E4M3 and E2M1
+  maxima) are te_ext's; the code below reads them from ``te_ext.formats`` and never repeats them.
 
   Implementation: the layer's ``_forward_impl`` -- Megatron's own hook for the GEMM (``input, weight, bias`` plus
   the communication flags) -- is replaced *on that instance* by a ``FakeQuantGemm``. Nothing global is patched, the
@@ -44,16 +47,16 @@ Tensor / pipeline parallelism: each rank quantizes its own shard; PP needs nothi
 Under TP the shards of one weight would get different scales from the unsharded tensor wherever a scale spans the
 split dimension. Where that happens, and what is done:
 
-* fp8 per-tensor weight scale ``amax/448``: every shard of every layer (column- and row-parallel) would use its own
+* fp8 per-tensor weight scale (amax over the E4M3 maximum): every shard of every layer (column- and row-parallel) would use its own
   amax, i.e. TP=2 would quantize with different scales than TP=1 (about half the shards get a finer scale). This
   breaks TP invariance (the learner's logprobs would depend on the layout), so the amax is all-reduced (MAX) over
   the TP group; with the global amax every element's code equals the unsharded tensor's.
 * fp8 per-token activation scales: column-parallel inputs are replicated over TP (same scale everywhere);
   row-parallel inputs (``linear_proj``, ``linear_fc2``) are split along the hidden dim, so each token's amax is
   all-reduced (MAX) over TP -- a ``[tokens]`` vector per layer call.
-* nvfp4: 16-blocks lie along the input dim, so block scales match the unsharded tensor as long as every shard's
-  input dim is a multiple of 16 (checked: ``apply_precision`` raises otherwise); the per-tensor global scale
-  ``2688/amax`` needs the global amax for weights (both kinds) and for row-parallel inputs: all-reduce MAX over TP
+* nvfp4: scale blocks lie along the input dim, so block scales match the unsharded tensor as long as every shard's
+  input dim is a multiple of the block (checked: ``apply_precision`` raises otherwise); the per-tensor global scale
+  (E2M1 max * E4M3 max / amax) needs the global amax for weights (both kinds) and for row-parallel inputs: all-reduce MAX over TP
   (one scalar each). Fused weights (Megatron's ``linear_qkv`` = q/k/v, ``linear_fc1`` = gate/up) get one global
   scale, as vLLM keeps one per fused layer.
 
@@ -78,6 +81,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from te_ext.formats import format_descriptor
+
 __all__ = [
     "EMULATED_PRECISIONS",
     "PRECISIONS",
@@ -96,7 +101,6 @@ EMULATED_PRECISIONS = ("fp8", "nvfp4")
 TE_RECIPES = {"fp8": "current", "nvfp4": "nvfp4"}
 # Megatron modules that keep full precision (see the module docstring).
 SKIPPED_LAYERS = ("output_layer",)
-NVFP4_BLOCK = 16
 _TE_MODULE_PREFIXES = ("transformer_engine.", "megatron.core.extensions.transformer_engine")
 
 
@@ -149,8 +153,8 @@ class FakeQuantGemm:
         if _group_size(self.group) == 1:
             return fake_quant_weight(w, self.fmt, _WEIGHT_OPTIONS[self.fmt])
         amax = _all_reduce_max(_amax(w), self.group)
-        if self.fmt == "nvfp4":
-            return fake_quant_weight(w, "nvfp4", {"global_amax": amax})
+        if format_descriptor(self.fmt).tp_shared_stat == "global_amax":
+            return fake_quant_weight(w, self.fmt, {"global_amax": amax})
         # fp8 per-tensor: te_ext takes the scale from the tensor's own amax, so append one row holding the TP-global
         # amax (exactly representable: it is an element of some shard), quantize, and drop the row again.
         w2 = w.reshape(-1, w.shape[-1])
@@ -164,8 +168,8 @@ class FakeQuantGemm:
 
         if not self.input_split or _group_size(self.group) == 1:
             return fake_quant_activation(x, self.fmt)
-        if self.fmt == "nvfp4":
-            return fake_quant_activation(x, "nvfp4", {"global_amax": _all_reduce_max(_amax(x), self.group)})
+        if format_descriptor(self.fmt).tp_shared_stat == "global_amax":
+            return fake_quant_activation(x, self.fmt, {"global_amax": _all_reduce_max(_amax(x), self.group)})
         # fp8 per token over a split hidden dim: append each token's TP-global amax as one more column.
         x2 = x.reshape(-1, x.shape[-1])
         token_amax = _all_reduce_max(_amax(x2, dim=-1), self.group).to(x.dtype)
@@ -207,7 +211,7 @@ class FakeQuantGemm:
         return F.linear(x_q, w_q, None if bias is None else bias.to(input.dtype))
 
 
-# fp8: per-tensor weights (one scale per tensor, as TE's current scaling); nvfp4: te_ext defaults (16-blocks).
+# fp8: per-tensor weights (one scale per tensor, as TE's current scaling); nvfp4: te_ext defaults (its blocks).
 _WEIGHT_OPTIONS: dict[str, dict[str, Any]] = {"fp8": {"granularity": "tensor"}, "nvfp4": {}}
 
 
@@ -267,10 +271,12 @@ def apply_precision(model: torch.nn.Module, precision: str) -> Any:
                 raise ValueError(f"{name} already computes in {current.fmt}; call remove_precision first")
             continue
         k_local = cast(torch.Tensor, module.weight).shape[-1]
-        if precision == "nvfp4" and k_local % NVFP4_BLOCK:
+        block = format_descriptor(precision).block_k
+        if block is not None and k_local % block:
             raise ValueError(
-                f"learner.precision=nvfp4: {name} has {k_local} inputs on this rank, not a multiple of the NVFP4 "
-                f"block ({NVFP4_BLOCK}); use learner.precision=fp8 or a TP size that splits it into 16-blocks"
+                f"learner.precision={precision}: {name} has {k_local} inputs on this rank, not a multiple of the "
+                f"{precision.upper()} block ({block}); use learner.precision=fp8 or a TP size that splits it into "
+                f"{block}-blocks"
             )
         group = getattr(module, "tp_group", None)
         gemm = FakeQuantGemm(precision, group, isinstance(module, RowParallelLinear))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +20,26 @@ import torch
 import torch.distributed as dist
 
 from qrl_megatron.algos.policy_loss import sft_loss
-from qrl_megatron.config import QRLConfig, to_dict
 from qrl_megatron.learner.batch import pack_sequences
-from qrl_megatron.learner.learner import Learner
+from qrl_megatron.learner.config import LearnerConfig, WarmStartConfig
+from qrl_megatron.learner.learner import Learner, scheduled_lr
 from qrl_megatron.models.registry import ModelSpec
 from qrl_megatron.platform import ParallelLayout
 
 MARKER = ".qrl_warmstart.json"
 
 
-def warmstart_key(cfg: QRLConfig, base_dir: Path) -> str:
-    settings = to_dict(cfg)
+def warmstart_key(
+    ws: WarmStartConfig, learner_precision: str, seed: int, base_dir: Path, provenance: dict[str, Any]
+) -> str:
+    """Cache key of a warm-started policy. `provenance`: the JSON-able settings the base model and the training
+    rows came from (the trainer passes ``{"model": ..., "task": ...}``, its `model` and `task` config sections)."""
     identity = {
-        "model": settings["model"],
+        **provenance,
         "base_weights": _file_digest(base_dir / "model.safetensors"),
-        "task": settings["task"],
-        "warmstart": settings["warmstart"],
-        "learner_precision": settings["learner"]["precision"],
-        "seed": cfg.seed,
+        "warmstart": asdict(ws),
+        "learner_precision": learner_precision,
+        "seed": seed,
         "version": 1,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -47,8 +49,8 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else str(path)
 
 
-def warmstart_dir(cfg: QRLConfig, base_dir: Path) -> Path:
-    return Path(cfg.run.cache_dir) / f"warmstart-{warmstart_key(cfg, base_dir)}"
+def warmstart_dir(cache_dir: str | Path, key: str) -> Path:
+    return Path(cache_dir) / f"warmstart-{key}"
 
 
 def is_complete(path: Path) -> bool:
@@ -56,7 +58,8 @@ def is_complete(path: Path) -> bool:
 
 
 def run_warmstart(
-    cfg: QRLConfig,
+    ws: WarmStartConfig,
+    learner_cfg: LearnerConfig,
     spec: ModelSpec,
     layout: ParallelLayout,
     base_dir: Path,
@@ -64,14 +67,22 @@ def run_warmstart(
     train_rows: list[dict[str, str]],
     tokenizer: Any,
     seq_length: int,
+    *,
+    seed: int,
+    cache_dir: str | Path,
+    provenance: dict[str, Any],
+    progress: bool = True,
 ) -> Path:
-    """Train (all ranks), write the policy folder atomically (rank 0), return its path. Cached: reruns are free."""
-    out = warmstart_dir(cfg, base_dir)
+    """Train (all ranks), write the policy folder atomically (rank 0), return its path. Cached: reruns are free.
+
+    The policy lands in `cache_dir` under a key of `provenance` (see `warmstart_key`), `ws`, the learner
+    precision, `seed` and the base weights; `progress` prints a loss line every 50 steps on rank 0.
+    """
+    out = warmstart_dir(cache_dir, warmstart_key(ws, learner_cfg.precision, seed, base_dir, provenance))
     if is_complete(out):
         return out
-    ws = cfg.warmstart
-    learner = Learner(spec, layout, cfg.learner, base_weights, lr=ws.lr, seq_length=seq_length)
-    rng = random.Random(f"warmstart-{cfg.seed}")
+    learner = Learner(spec, layout, learner_cfg, base_weights, lr=ws.lr, seq_length=seq_length)
+    rng = random.Random(f"warmstart-{seed}")
     eos = tokenizer.eos_token_id
     losses = []
     for step in range(ws.steps):
@@ -82,12 +93,11 @@ def run_warmstart(
             seq_length,
             tokenizer.pad_token_id,
         )
-        # Cosine decay to 10% of the peak rate: the warm-start is short, and a constant rate ends noisy.
-        lr = ws.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, ws.steps))))
+        lr = scheduled_lr(ws.lr, step, ws.steps)  # cosine decay to 10% of the peak rate, no warm-up
         local = batch.split(layout.dp)[layout.dp_rank]
         metrics = learner.train_step(local, sft_loss, total_tokens=batch.num_tokens, total_seqs=len(batch), lr=lr)
         losses.append(metrics["loss"])
-        if layout.rank == 0 and cfg.run.progress and (step % 50 == 0 or step == ws.steps - 1):
+        if layout.rank == 0 and progress and (step % 50 == 0 or step == ws.steps - 1):
             print(f"warm-start step {step}/{ws.steps} | loss {metrics['loss']:.4f} | lr {lr:.2e}", flush=True)
     weights = learner.gather_hf_weights(dtype=torch.bfloat16, dst=0)
     if layout.rank == 0:

@@ -20,6 +20,12 @@ PROGRESS_FIELDS = (
 )
 
 
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows :class:`MetricsLogger` wrote to ``run_dir/metrics.jsonl`` (FileNotFoundError if there is none)."""
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 class MetricsLogger:
     def __init__(
         self, run_dir: str | Path, tensorboard: bool = True, progress: bool = True, total_steps: int = 0

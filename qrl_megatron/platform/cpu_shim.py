@@ -1,38 +1,43 @@
-"""Device / back-end selection, process-group set-up, and the CPU shim for megatron-core 0.19.2.
+"""The CPU shim for megatron-core 0.19.2: what lets the Megatron learner run on a CPU-only machine with gloo.
 
-megatron-core calls CUDA unconditionally in a handful of places (``torch.cuda.current_device()``, CUDA RNG
-state, tensors created with ``device="cuda"``, ``.cuda()``, ``torch.cuda.synchronize()``, streams/events, and
-``param.type() == 'torch.cuda.FloatTensor'`` checks). No config flag avoids them, so on a CPU-only machine
-:func:`apply_cpu_shim` patches them:
+Why it exists: megatron-core calls CUDA unconditionally in a handful of places (``torch.cuda.current_device()``,
+CUDA RNG state, tensors created with ``device="cuda"``, ``.cuda()``, ``torch.cuda.synchronize()``,
+streams/events, and ``param.type() == 'torch.cuda.FloatTensor'`` checks). No config flag avoids them, and we
+want the whole trainer (tests, demos, CI) to run without a GPU. :func:`apply_cpu_shim` patches exactly those
+call sites, and :data:`MANIFEST` lists every patched module or callable with the reason it needs patching.
+
+How narrow it is, and why each layer is needed:
 
 * Module-level ``torch`` references: in each megatron module that has such a call site, the module global
-  ``torch`` is replaced by :class:`_MegatronCpuTorch`, a proxy of the real ``torch`` module whose ``cuda``
-  attribute is a CPU stand-in (current device = cpu, synchronize/empty_cache no-ops, null streams/events, CUDA
-  RNG = the CPU default generator) and whose tensor factories map a CUDA ``device=`` to the CPU. The real
-  ``torch`` module and every other module are untouched.
-* Tensor methods (``.cuda()`` and ``.type()``) cannot be redirected per module, so the few megatron
-  functions that call them are wrapped: while one of them runs, ``Tensor.cuda`` is the identity on CPU
-  tensors and ``Tensor.type()`` reports the CUDA type name (``torch.cuda.FloatTensor``).
+  ``torch`` is replaced by a proxy of the real ``torch`` module whose ``cuda`` attribute is a CPU stand-in
+  (current device = cpu, synchronize/empty_cache no-ops, null streams/events, CUDA RNG = the CPU default
+  generator) and whose tensor factories map a CUDA ``device=`` to the CPU. The real ``torch`` module and every
+  other module (ours, vLLM's, torch's own) are untouched.
+* Tensor methods (``.cuda()`` and ``.type()``) live on ``torch.Tensor`` and cannot be redirected per module, so
+  the few megatron functions that call them are wrapped in :func:`cuda_tensor_compat`. The patch is confined as
+  far as Python allows: it is on ``torch.Tensor`` only while at least one wrapped function runs, it takes effect
+  only in the thread that entered it (other threads get the real methods even inside that window), and only for
+  CPU tensors.
 * ``tensor_parallel.random``: the CUDA RNG get/set helpers are replaced by CPU-generator versions.
 
-The shim does nothing when CUDA is available.
+The call sites were read off megatron-core 0.19.2; another version may have moved, added or removed some, and a
+missed one shows up as a CUDA error far from its cause. So :func:`check_megatron_version` refuses other versions
+unless ``QRL_ALLOW_MEGATRON_VERSION=1`` is set. The shim does nothing when CUDA is available.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import importlib
+import importlib.metadata
 import logging
 import os
-import socket
 import sys
 import threading
 import time
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,30 +45,39 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ParallelLayout",
+    "ALLOW_VERSION_ENV",
+    "MANIFEST",
+    "SUPPORTED_MEGATRON_VERSION",
     "apply_cpu_shim",
-    "default_backend",
-    "destroy_distributed",
-    "init_distributed",
-    "is_cuda_available",
+    "check_megatron_version",
+    "cuda_tensor_compat",
     "is_cpu_shim_applied",
-    "validate_layout",
 ]
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Device / back-end selection
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def is_cuda_available() -> bool:
-    """True when torch sees at least one CUDA device."""
-    return bool(torch.cuda.is_available())
+# The megatron-core release whose CUDA call sites the tables below were read from.
+SUPPORTED_MEGATRON_VERSION = "0.19.2"
+ALLOW_VERSION_ENV = "QRL_ALLOW_MEGATRON_VERSION"
 
 
-def default_backend() -> str:
-    """torch.distributed back-end: NCCL with CUDA, gloo otherwise."""
-    return "nccl" if is_cuda_available() else "gloo"
+def check_megatron_version() -> str:
+    """Return the installed megatron-core version; raise RuntimeError unless it is the one the shim was written for.
+
+    With ``QRL_ALLOW_MEGATRON_VERSION=1`` a mismatch only logs a warning (to try a new release on purpose).
+    """
+    try:
+        installed = importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        installed = "not installed"
+    if installed == SUPPORTED_MEGATRON_VERSION:
+        return installed
+    message = (
+        f"the megatron-core CPU shim was written for megatron-core {SUPPORTED_MEGATRON_VERSION}, but "
+        f"megatron-core {installed} is installed; its CUDA call sites may differ"
+    )
+    if os.environ.get(ALLOW_VERSION_ENV) == "1":
+        logger.warning("%s (%s=1: applying the shim anyway)", message, ALLOW_VERSION_ENV)
+        return installed
+    raise RuntimeError(f"{message}. Set {ALLOW_VERSION_ENV}=1 to try anyway.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,21 +262,37 @@ _CPU_TORCH = _MegatronCpuTorch()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scoped Tensor.cuda / Tensor.type compatibility (only while a wrapped megatron function runs)
+# Scoped Tensor.cuda / Tensor.type compatibility (only while a wrapped megatron function runs, only in its thread)
 # ----------------------------------------------------------------------------------------------------------------
 
+# Tensor methods are class attributes, so a per-module proxy cannot reach them. To keep the patch as small as we
+# can: it is installed on ``torch.Tensor`` when the first thread enters :func:`cuda_tensor_compat` and removed when
+# the last leaves; while installed, the replacements act only for threads inside the context (another thread -- a
+# vLLM engine or a checkpoint writer running at the same time -- gets the real method) and only on CPU tensors.
 _compat_lock = threading.Lock()
-_compat_depth = 0
-_saved_tensor_attrs: dict[str, Any] = {}
+_compat_depth_by_thread: dict[int, int] = {}
+# The real methods, captured when the patch is installed; kept after removal so that a thread which looked up the
+# replacement just before removal still finds the original.
+_saved_tensor_attrs: dict[str, tuple[bool, Any]] = {}
 
 
-def _compat_tensor_cuda(self: torch.Tensor, device: Any = None, non_blocking: bool = False, **_: Any) -> torch.Tensor:
-    return self  # the tensor already lives on "the device" (the CPU)
+def _in_compat() -> bool:
+    return threading.get_ident() in _compat_depth_by_thread
+
+
+def _original_tensor_attr(name: str) -> Any:
+    return _saved_tensor_attrs[name][1]
+
+
+def _compat_tensor_cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if _in_compat() and self.device.type == "cpu":
+        return self  # the tensor already lives on "the device" (the CPU)
+    return _original_tensor_attr("cuda")(self, *args, **kwargs)
 
 
 def _compat_tensor_type(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
-    original = _saved_tensor_attrs["type"][1]
-    if dtype is None and not kwargs and self.device.type == "cpu":
+    original = _original_tensor_attr("type")
+    if _in_compat() and dtype is None and not kwargs and self.device.type == "cpu":
         # 'torch.FloatTensor' -> 'torch.cuda.FloatTensor', what megatron's optimizer checks compare against.
         return original(self).replace("torch.", "torch.cuda.", 1)
     return original(self, dtype, non_blocking, **kwargs)
@@ -272,34 +302,36 @@ _COMPAT_ATTRS = {"cuda": _compat_tensor_cuda, "type": _compat_tensor_type}
 
 
 @contextlib.contextmanager
-def _cuda_tensor_compat() -> Iterator[None]:
-    """Reentrant: ``Tensor.cuda`` is the CPU identity and ``Tensor.type()`` names CUDA types inside."""
-    global _compat_depth
+def cuda_tensor_compat() -> Iterator[None]:
+    """Inside (this thread, reentrant): ``Tensor.cuda`` is the identity on CPU tensors, ``Tensor.type()`` names
+    CUDA types. Outside, and in every other thread, both are the real methods."""
+    ident = threading.get_ident()
     with _compat_lock:
-        if _compat_depth == 0:
+        if not _compat_depth_by_thread:
             for name, replacement in _COMPAT_ATTRS.items():
                 had_own = name in torch.Tensor.__dict__
                 _saved_tensor_attrs[name] = (had_own, getattr(torch.Tensor, name))
                 setattr(torch.Tensor, name, replacement)
-        _compat_depth += 1
+        _compat_depth_by_thread[ident] = _compat_depth_by_thread.get(ident, 0) + 1
     try:
         yield
     finally:
         with _compat_lock:
-            _compat_depth -= 1
-            if _compat_depth == 0:
+            depth = _compat_depth_by_thread.pop(ident) - 1
+            if depth:
+                _compat_depth_by_thread[ident] = depth
+            elif not _compat_depth_by_thread:
                 for name, (had_own, original) in _saved_tensor_attrs.items():
                     if had_own:
                         setattr(torch.Tensor, name, original)
                     else:
                         delattr(torch.Tensor, name)
-                _saved_tensor_attrs.clear()
 
 
 def _with_compat(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with _cuda_tensor_compat():
+        with cuda_tensor_compat():
             return fn(*args, **kwargs)
 
     wrapper.__qrl_cpu_shim__ = True  # type: ignore[attr-defined]
@@ -377,7 +409,7 @@ _PROXIED_MODULES: dict[str, str] = {
 }
 
 # (module, class or None, attribute): functions that call ``Tensor.cuda()`` or compare ``Tensor.type()`` with
-# CUDA type names; they run inside :func:`_cuda_tensor_compat`.
+# CUDA type names; they run inside :func:`cuda_tensor_compat`.
 _COMPAT_CALLABLES: tuple[tuple[str, str | None, str, str], ...] = (
     (
         "megatron.core.models.common.language_module.language_module",
@@ -435,6 +467,50 @@ _COMPAT_CALLABLES: tuple[tuple[str, str | None, str, str], ...] = (
 )
 
 
+# ``megatron.core.tensor_parallel.random`` helpers replaced outright (every ``from ... import`` copy inside
+# megatron.core is rebound too). CudaRNGStatesTracker and model_parallel_cuda_manual_seed reach the CUDA generator
+# only through them, so replacing them moves megatron's "CUDA" RNG onto the CPU default generator -- the generator
+# CPU kernels such as dropout actually draw from.
+_RNG_MODULE = "megatron.core.tensor_parallel.random"
+_RNG_FUNCTIONS: dict[str, str] = {
+    "_get_cuda_rng_state": "indexes torch.cuda.default_generators; returns the CPU generator state instead",
+    "_set_cuda_rng_state": "sets the state through torch.cuda._lazy_call; sets the CPU generator state instead",
+}
+
+
+def _cpu_get_cuda_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    if graph_safe:
+        raise RuntimeError("cudagraph-safe RNG (use_cudagraphable_rng) needs CUDA")
+    return torch.get_rng_state()
+
+
+def _cpu_set_cuda_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    if graph_safe:
+        raise RuntimeError("cudagraph-safe RNG (use_cudagraphable_rng) needs CUDA")
+    torch.set_rng_state(new_state)
+
+
+_RNG_REPLACEMENTS: dict[str, Callable[..., Any]] = {
+    "_get_cuda_rng_state": _cpu_get_cuda_rng_state,
+    "_set_cuda_rng_state": _cpu_set_cuda_rng_state,
+}
+
+
+def _callable_key(module: str, cls_name: str | None, attr: str) -> str:
+    return f"{module}:{cls_name}.{attr}" if cls_name else f"{module}:{attr}"
+
+
+# Everything the shim patches, and why: ``"megatron.core.x"`` is a module whose ``torch`` global becomes the CPU
+# proxy; ``"megatron.core.x:Class.method"`` / ``"megatron.core.x:function"`` is a callable that is wrapped in
+# cuda_tensor_compat or (tensor_parallel.random) replaced. One table, so a megatron upgrade can be reviewed entry
+# by entry against the new release's source.
+MANIFEST: dict[str, str] = {
+    **_PROXIED_MODULES,
+    **{_callable_key(mod, cls, attr): why for mod, cls, attr, why in _COMPAT_CALLABLES},
+    **{_callable_key(_RNG_MODULE, None, name): why for name, why in _RNG_FUNCTIONS.items()},
+}
+
+
 def _drop_cpu_rng_fork_warning(record: logging.LogRecord) -> bool:
     return record.getMessage() != "CPU RNG state changed within GPU RNG context"
 
@@ -456,35 +532,28 @@ def _import_optional(name: str) -> types.ModuleType | None:
 
 
 def apply_cpu_shim() -> None:
-    """Make megatron-core 0.19.2 run on CPU with gloo. Idempotent, process-wide; a no-op when CUDA is available."""
+    """Make megatron-core run on CPU with gloo. Idempotent, process-wide; a no-op when CUDA is available.
+
+    Raises RuntimeError (see :func:`check_megatron_version`) for a megatron-core other than 0.19.2.
+    """
     global _shim_applied
-    if _shim_applied or is_cuda_available():
+    # torch directly rather than distributed.is_cuda_available: distributed imports this module.
+    if _shim_applied or torch.cuda.is_available():
         return
     with _shim_lock:
         if _shim_applied:
             return
+        check_megatron_version()
         # 1. Module-level ``torch`` -> CPU proxy (torch.cuda.*, device="cuda" factories).
         for mod_name in _PROXIED_MODULES:
             mod = _import_optional(mod_name)
             if mod is not None and getattr(mod, "torch", None) is torch:
                 mod.torch = _CPU_TORCH  # type: ignore[attr-defined]
 
-        # 2. tensor_parallel.random: the tracker's state helpers index torch.cuda.default_generators and use
-        #    torch.cuda._lazy_call; on CPU the "device" generator is the CPU default generator.
-        random_mod = importlib.import_module("megatron.core.tensor_parallel.random")
-
-        def _get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
-            if graph_safe:
-                raise RuntimeError("cudagraph-safe RNG (use_cudagraphable_rng) needs CUDA")
-            return torch.get_rng_state()
-
-        def _set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
-            if graph_safe:
-                raise RuntimeError("cudagraph-safe RNG (use_cudagraphable_rng) needs CUDA")
-            torch.set_rng_state(new_state)
-
-        _replace_everywhere(random_mod._get_cuda_rng_state, _get_rng_state)
-        _replace_everywhere(random_mod._set_cuda_rng_state, _set_rng_state)
+        # 2. tensor_parallel.random: the CUDA RNG state helpers -> CPU-generator versions.
+        random_mod = importlib.import_module(_RNG_MODULE)
+        for name, replacement in _RNG_REPLACEMENTS.items():
+            _replace_everywhere(getattr(random_mod, name), replacement)
 
         # CudaRNGStatesTracker.fork warns when the CPU RNG state changes inside a fork (e.g. dropout). On CPU
         # the forked "CUDA" state *is* the CPU generator, so every dropout in a fork would trigger it.
@@ -501,163 +570,4 @@ def apply_cpu_shim() -> None:
             else:
                 _wrap_method(getattr(mod, cls_name), attr)
         _shim_applied = True
-        logger.info("megatron-core CPU shim applied (%d modules proxied)", len(_PROXIED_MODULES))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Parallel layout
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """This rank's place in the learner's TP x PP x DP grid."""
-
-    tp: int
-    pp: int
-    dp: int
-    rank: int
-    world_size: int
-    tp_rank: int
-    pp_rank: int
-    dp_rank: int
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
-
-
-def validate_layout(
-    tp: int,
-    pp: int,
-    dp: int | None,
-    world_size: int,
-    num_layers: int | None = None,
-    num_attention_heads: int | None = None,
-    num_query_groups: int | None = None,
-    vocab_size: int | None = None,
-    ffn_hidden_size: int | None = None,
-) -> int:
-    """Check a TP x PP x DP layout against the world size and (optionally) the model shape.
-
-    ``dp=None`` means "whatever is left": ``world_size // (tp * pp)``. Returns the data-parallel size.
-    Raises ValueError naming the config key (``learner.tp`` / ``learner.pp`` / ``learner.dp``) and the numbers.
-    """
-    for key, value in (("learner.tp", tp), ("learner.pp", pp)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world size must be a positive integer, got {world_size!r}")
-    if dp is None:
-        if world_size % (tp * pp) != 0:
-            raise ValueError(
-                f"learner.tp * learner.pp = {tp}*{pp} = {tp * pp} does not divide the world size {world_size} "
-                "(learner.dp would not be an integer)"
-            )
-        dp = world_size // (tp * pp)
-    elif not isinstance(dp, int) or isinstance(dp, bool) or dp < 1:
-        raise ValueError(f"learner.dp must be a positive integer, got {dp!r}")
-    if tp * pp * dp != world_size:
-        raise ValueError(
-            f"learner.tp * learner.pp * learner.dp = {tp}*{pp}*{dp} = {tp * pp * dp} must equal the world size "
-            f"{world_size}"
-        )
-    tp_divides = (
-        ("num_attention_heads", num_attention_heads),
-        ("num_query_groups (num_key_value_heads)", num_query_groups),
-        ("vocab_size", vocab_size),
-        ("ffn_hidden_size (intermediate_size)", ffn_hidden_size),
-    )
-    for what, size in tp_divides:
-        if size is not None and size % tp != 0:
-            raise ValueError(f"learner.tp = {tp} must divide the model's {what} = {size}")
-    if num_layers is not None and num_layers % pp != 0:
-        raise ValueError(f"learner.pp = {pp} must divide the model's num_layers = {num_layers}")
-    return dp
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init_process_group() -> None:
-    """Initialise torch.distributed from torchrun's env vars, or as a single process on a free local port."""
-    import torch.distributed as dist
-
-    backend = default_backend()
-    timeout = datetime.timedelta(minutes=int(os.environ.get("QRL_DIST_TIMEOUT_MIN", "30")))
-    if is_cuda_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
-    else:
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://127.0.0.1:{_free_port()}",
-            rank=0,
-            world_size=1,
-            timeout=timeout,
-        )
-
-
-def init_distributed(tp: int, pp: int, dp: int | None = None, seed: int = 0) -> ParallelLayout:
-    """Set up torch.distributed (if needed), megatron's parallel state and its RNG for a TP x PP x DP layout.
-
-    The layout is validated before any group is created. If megatron's parallel state already exists with a
-    different TP/PP it is destroyed and rebuilt (the world process group is kept).
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        world_size = dist.get_world_size()
-    else:
-        world_size = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
-    dp_size = validate_layout(tp, pp, dp, world_size)
-
-    if not dist.is_initialized():
-        _init_process_group()
-    if not is_cuda_available():
-        apply_cpu_shim()
-
-    from megatron.core import parallel_state, tensor_parallel
-
-    if parallel_state.model_parallel_is_initialized():
-        same = (
-            parallel_state.get_tensor_model_parallel_world_size() == tp
-            and parallel_state.get_pipeline_model_parallel_world_size() == pp
-        )
-        if not same:
-            parallel_state.destroy_model_parallel()
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-    return ParallelLayout(
-        tp=tp,
-        pp=pp,
-        dp=dp_size,
-        rank=dist.get_rank(),
-        world_size=world_size,
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        dp_rank=parallel_state.get_data_parallel_rank(),
-    )
-
-
-def destroy_distributed() -> None:
-    """Tear down megatron's parallel state and the default process group (whichever exist)."""
-    import torch.distributed as dist
-
-    if "megatron.core.parallel_state" in sys.modules:
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        logger.info("megatron-core CPU shim applied (%d patches, see MANIFEST)", len(MANIFEST))

@@ -1,0 +1,54 @@
+"""Config of the vLLM rollout engine (`rollout.*`) and of QeRL adaptive quantization noise in it (`algo.aqn.*`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qrl_megatron.config_fields import ConfigError, check_choice, check_positive, check_range, doc
+from te_ext.formats import ROLLOUT_FORMATS
+
+__all__ = ["AQNConfig", "RolloutConfig"]
+
+
+@dataclass
+class RolloutConfig:
+    quant: str = doc(
+        "bf16", "number format of the engine's linear weights: bf16, nvfp4 (W4A16), fp8 (W8A8 per channel), int8 (W8A8)"
+    )
+    engine: str = doc("colocated", "colocated: vLLM in the trainer's process tree; server: a `vllm serve` over HTTP")
+    server_url: str = doc("", "engine=server: URL of a running `vllm serve` (empty: start one on loopback)")
+    tp: int = doc(1, "tensor-parallel size of the vLLM engine (it reshards the full tensors the bridge sends)")
+    prompts_per_step: int = doc(32, "prompts per RL step")
+    samples_per_prompt: int = doc(8, "completions per prompt (the GRPO group size)")
+    max_new_tokens: int = doc(8, "longest completion in tokens")
+    temperature: float = doc(1.0, "sampling temperature (rollout logprobs are of this processed distribution)")
+    top_p: float = doc(1.0, "nucleus sampling mass")
+    kv_cache_mib: int = doc(256, "KV-cache memory of the engine in MiB (on CPU: host RAM)")
+    enforce_eager: bool = doc(True, "skip graph compilation in vLLM (faster start on CPU)")
+
+    def validate(self, prefix: str = "rollout") -> None:
+        check_choice(f"{prefix}.quant", self.quant, ROLLOUT_FORMATS)
+        check_choice(f"{prefix}.engine", self.engine, ("colocated", "server"))
+        check_positive(f"{prefix}.tp", self.tp)
+        if self.server_url and not self.server_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{prefix}.server_url must start with http:// or https://, got {self.server_url!r}")
+        check_positive(f"{prefix}.prompts_per_step", self.prompts_per_step)
+        check_positive(f"{prefix}.samples_per_prompt", self.samples_per_prompt)
+        check_positive(f"{prefix}.max_new_tokens", self.max_new_tokens)
+        check_positive(f"{prefix}.temperature", self.temperature)
+        check_range(f"{prefix}.top_p", self.top_p, 1e-6, 1.0)
+        check_positive(f"{prefix}.kv_cache_mib", self.kv_cache_mib)
+
+
+@dataclass
+class AQNConfig:
+    enabled: bool = doc(False, "QeRL adaptive quantization noise on the rollout engine's decoder-layer RMSNorm weights")
+    sigma_start: float = doc(1e-2, "noise std of the first noisy stage (QeRL paper: 1e-2)")
+    sigma_end: float = doc(5e-4, "noise std of the last stage, geometric in between (QeRL paper: 5e-4, scripts: 1e-4)")
+    stages: int = doc(10, "K equal stages over trainer.max_steps; stage 0 has no noise (QeRL: 10)")
+
+    def validate(self, prefix: str = "algo.aqn") -> None:
+        check_positive(f"{prefix}.sigma_start", self.sigma_start)
+        check_positive(f"{prefix}.sigma_end", self.sigma_end)
+        if self.stages < 2:
+            raise ConfigError(f"{prefix}.stages={self.stages} must be >= 2 (stage 0 has no noise)")

@@ -1,0 +1,88 @@
+"""What every rollout engine provides: the :class:`RolloutEngine` protocol, its result type and shared helpers.
+
+Two engines implement it: the colocated vLLM ``LLM`` (:mod:`qrl_megatron.rollout.vllm_engine`) and a separate
+``vllm serve`` process driven over HTTP (:mod:`qrl_megatron.rollout.server_engine`). Both move weights through
+:class:`qrl_megatron.bridge.transport.SharedMemoryTransport`, seed sampling with :func:`sampling_seed` and keep the
+launcher's torchrun variables (:data:`LAUNCHER_ENV`) out of vLLM's processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+# Variables torchrun sets for the learner; the engine core is a separate process with a torch.distributed world
+# of its own, and inheriting these makes it join (and hang on) the learner's rendezvous.
+LAUNCHER_ENV = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+    "GROUP_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE", "OMP_NUM_THREADS",
+)  # fmt: skip
+
+
+@contextmanager
+def engine_environment() -> Iterator[None]:
+    """Run the body (an engine's start) without the :data:`LAUNCHER_ENV` variables; restore them afterwards."""
+    saved = {k: os.environ.pop(k) for k in LAUNCHER_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def sampling_seed(seed: int, step: int, i: int) -> int:
+    """The sampling seed of prompt ``i`` at ``step`` for an engine seeded with ``seed`` (the same in every engine)."""
+    return (seed * 1_000_003 + step * 10_007 + i) % (2**31)
+
+
+@dataclass
+class Completion:
+    """One sampled completion and what the engine knew about it."""
+
+    prompt_index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    rollout_logprobs: list[float]
+    text: str
+    finished: bool  # ended with EOS (not cut at max_new_tokens)
+
+
+class RolloutEngine(Protocol):
+    """The interface the rollout stage, the evaluation and the weight sync use."""
+
+    tokenizer: Any
+
+    def generate(
+        self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, step: int
+    ) -> list[Completion]:
+        """`n` samples per prompt, grouped prompt by prompt; prompt i is seeded with :func:`sampling_seed`."""
+        ...
+
+    def greedy(self, prompts: list[str], max_new_tokens: int) -> list[Completion]: ...
+
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Engine log-probability of every token after the first, for each token sequence."""
+        ...
+
+    def start_weight_update(self) -> None: ...
+
+    def update_weights(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
+        """One bucket of checkpoint-format tensors; the engine verifies ``checksums`` before loading."""
+        ...
+
+    def finish_weight_update(self) -> None: ...
+
+    def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
+        """In-place reload of HF-named weights (one checksummed bucket)."""
+        ...
+
+    def parameter_checksums(self) -> dict[str, float]: ...
+
+    def add_norm_noise(self, sigma: float, seed: int) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
