@@ -26,6 +26,7 @@ __all__ = [
     "TinyModelConfig",
     "build_tiny_model",
     "build_tokenizer",
+    "init_weights",
     "tiny_vocab",
 ]
 
@@ -161,7 +162,7 @@ def _hf_config(cfg: TinyModelConfig):
     )
 
 
-def _init_weights(model: torch.nn.Module, seed: int) -> None:
+def init_weights(model: torch.nn.Module, seed: int) -> None:
     """Deterministic init, independent of transformers' own init order: parameters in name order from one
     generator; matrices and biases N(0, 0.02), norm weights 1 + N(0, 0.02) (non-trivial, so that a mapping
     mistake on norms or biases shows up in logits)."""
@@ -202,7 +203,7 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None, se
             model = Qwen2ForCausalLM(_hf_config(cfg))
         finally:
             torch.set_default_dtype(torch_default)
-        _init_weights(model, seed)
+        init_weights(model, seed)
         model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' typed wrapper confuses mypy
         model.save_pretrained(str(tmp))
         config = json.loads((tmp / "config.json").read_text())
