@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,8 +20,10 @@ from qrl_megatron.algos.policy_loss import grpo_loss
 from qrl_megatron.bridge.base import make_weight_sync
 from qrl_megatron.config import QRLConfig, to_dict
 from qrl_megatron.data.arithmetic import load_task
+from qrl_megatron.hf_export import export_policy
 from qrl_megatron.learner.batch import TokenBatch
 from qrl_megatron.learner.learner import Learner, scheduled_lr
+from qrl_megatron.learner.resume import CheckpointStore, Preempted, PreemptionFlag, RunCheckpointer, plan_resume
 from qrl_megatron.learner.warmstart import run_warmstart
 from qrl_megatron.metrics.logger import MetricsLogger
 from qrl_megatron.models.base import load_hf_weights, load_tokenizer, prepare_base_model, sequence_length
@@ -67,10 +70,12 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
             provenance={"model": settings["model"], "task": settings["task"]},
             progress=cfg.run.progress,
         )
-    policy_weights = load_hf_weights(policy_dir)
+    # lazy: each learner rank reads only its own shard's slices from the files
+    policy_weights: Mapping[str, torch.Tensor] = load_hf_weights(policy_dir)
     scaling = cfg.algo.invariant_scaling
     if scaling.s != 1 and cfg.rollout.quant != "bf16":  # QuRL invariant scaling, once, on the weights RL starts from
-        policy_weights = apply_invariant_scaling(policy_weights, scaling.s, scaling.targets)
+        # the scaling rewrites whole tensors, so this path holds the full state dict (the lazy read does not)
+        policy_weights = apply_invariant_scaling(dict(policy_weights), scaling.s, scaling.targets)
     learner = Learner(spec, layout, cfg.learner, policy_weights, cfg.learner.lr, seq_length, cfg.rollout.temperature)
     reference = None  # the KL reference: a frozen copy of the policy RL starts from
     if cfg.algo.kl_coef > 0:
@@ -86,6 +91,16 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         engine_tp=cfg.rollout.tp,
     )
     loss_fn = grpo_loss(cfg.algo, max_new_tokens=cfg.rollout.max_new_tokens)
+    checkpoints = RunCheckpointer(
+        CheckpointStore(Path(cfg.run.dir) / "checkpoints", cfg.trainer.keep_checkpoints), layout.rank
+    )
+    resume_from, resume_error = _broadcast(
+        plan_resume(cfg.trainer.resume, checkpoints.store, to_dict(cfg)) if layout.rank == 0 else None
+    )
+    if resume_error:
+        raise ValueError(resume_error)
+    state = checkpoints.load(Path(resume_from), learner) if resume_from else {}
+    start_step, skipped = state.get("step", 0), state.get("skipped_in_a_row", 0)
 
     # rank 0 drives the engine and writes the logs; the other ranks are pure learner
     driver: RolloutDriver | None = None
@@ -97,19 +112,25 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         engine = make_engine(cfg.rollout, run_dir, cfg.seed, policy_dir, seq_length, sync.plan)
         driver = RolloutDriver(engine, cfg.rollout, cfg.algo, task, seq_length, tokenizer.pad_token_id, cfg.seed)
-        logger = MetricsLogger(run_dir, cfg.run.tensorboard, cfg.run.progress, cfg.trainer.max_steps)
+        logger = MetricsLogger(run_dir, cfg.run.tensorboard, cfg.run.progress, cfg.trainer.max_steps, start_step)
+        if state:
+            driver.sampler.load_state(state["sampler"])
+            evals = state["evals"]
     # step-0 sync: the engine starts from exactly what the bridge streams (the learner's weights, rollout format)
     initial_sync = sync(learner, driver.engine if driver else None, 0)
     if driver:
         print("initial sync: " + ", ".join(f"{k}={v:.4g}" for k, v in initial_sync.items()), flush=True)
-        evals["initial_sync"] = initial_sync
-        evals["before"] = driver.evaluate()
+        if not state:
+            evals["initial_sync"] = initial_sync
+            evals["before"] = driver.evaluate()
         print(f"held-out greedy accuracy before RL: {evals['before']['accuracy']:.3f}", flush=True)
     aqn = AdaptiveQuantizationNoise(cfg.algo.aqn, cfg.trainer.max_steps, cfg.seed)
-    aqn_sigma = 0.0  # the first rollout is in AQN stage 0 (no noise)
+    # the first rollout is in AQN stage 0 (no noise); a resumed run re-applies the noise its last step drew
+    aqn_sigma = aqn(driver.engine, start_step) if driver and start_step else 0.0
+    preemption = PreemptionFlag()
 
-    rl_start, step = time.perf_counter(), 0
-    for step in range(1, cfg.trainer.max_steps + 1):
+    rl_start, step = time.perf_counter(), start_step
+    for step in range(start_step + 1, cfg.trainer.max_steps + 1):
         # rollout -> reward -> advantage on rank 0's engine; every rank takes its DP share of the batch
         result: RolloutResult = _broadcast(driver.rollout(step) if driver else None)
         local = result.batch.split(layout.dp)[layout.dp_rank]
@@ -133,6 +154,12 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         )
         updates = learner.update(local, result.batch, loss_fn, cfg.algo.minibatches, cfg.algo.epochs, lr=lr)
         train_seconds = time.perf_counter() - train_start
+        skipped = skipped + 1 if any(u["update_skipped"] for u in updates) else 0
+        if skipped >= cfg.trainer.max_skipped_steps:
+            raise RuntimeError(
+                f"{skipped} steps in a row had a non-finite loss or gradient (updates skipped, weights untouched) "
+                f"at step {step}: the run diverged; lower learner.lr or check the rewards (trainer.max_skipped_steps)"
+            )
 
         # weight sync: learner -> engine, in place
         sync_metrics = sync(learner, driver.engine if driver else None, step)
@@ -146,18 +173,29 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
             # the probe and the evaluation above saw the clean policy)
             metrics["aqn_sigma"], aqn_sigma = aqn_sigma, aqn(driver.engine, step)
             logger.log(step, metrics)
-        if cfg.trainer.max_time_s and _broadcast(time.perf_counter() - rl_start > cfg.trainer.max_time_s):
+        out_of_time = bool(cfg.trainer.max_time_s) and time.perf_counter() - rl_start > cfg.trainer.max_time_s
+        preempted, out_of_time = _broadcast((preemption.requested, out_of_time) if driver else None)
+        if (cfg.trainer.save_every and step % cfg.trainer.save_every == 0) or preempted:
+            run_state = {"sampler": driver.sampler.state(), "evals": evals} if driver else None
+            checkpoints.save(
+                step, learner, {**(run_state or {}), "skipped_in_a_row": skipped, "settings": to_dict(cfg)}
+            )
+        if preempted:  # Slurm's --signal / scancel: the checkpoint is written; the sbatch script requeues
+            if driver and logger:
+                logger.close()
+                driver.engine.close()
+            raise Preempted(step)
+        if out_of_time:
             break
 
     rl_seconds = time.perf_counter() - rl_start
-    if cfg.trainer.checkpoint:
-        learner.save_checkpoint(str(Path(cfg.run.dir) / "checkpoint"))
-    # the full-precision policy in HF form (bf16), loadable by any bf16 engine (bench/ablation.py evaluates it)
-    final_weights = learner.gather_hf_weights(dtype=torch.bfloat16, dst=0)
-    if final_weights is not None and driver:
-        from safetensors.torch import save_file
-
-        save_file(final_weights, str(Path(cfg.run.dir) / "final_policy.safetensors"))
+    if cfg.trainer.checkpoint:  # records the base folder's config/tokenizer and the run config (qrl-export reads it)
+        learner.save_checkpoint(
+            str(Path(cfg.run.dir) / "checkpoint"), base_dir=base_dir, run_config=to_dict(cfg), step=step
+        )
+    # the trained policy as a complete HF folder (config, tokenizer, sharded safetensors in the base's dtype),
+    # streamed tensor by tensor to rank 0's writer; transformers, vLLM and bench/ablation.py load it
+    export_policy(learner.model, spec, layout, Path(cfg.run.dir) / "final", base_dir)
     if driver and logger:
         evals["after"] = driver.evaluate()
         evals.update(rl_seconds=rl_seconds, steps=step, policy=str(policy_dir))

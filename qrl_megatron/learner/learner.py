@@ -7,8 +7,9 @@ schedule moves activations between stages, and the loss lives on the last stage.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,13 +79,16 @@ class Learner:
         spec: ModelSpec,
         layout: ParallelLayout,
         cfg: LearnerConfig,
-        hf_state_dict: dict[str, torch.Tensor],
+        weights: Mapping[str, torch.Tensor],
         lr: float,
         seq_length: int,
         temperature: float = 1.0,
         trainable: bool = True,
     ) -> None:
-        """``trainable=False``: a frozen copy (the KL reference policy) -- no gradients, no optimizer state."""
+        """``weights``: the HF weights to start from, best a lazy
+        :class:`~qrl_megatron.models.checkpoint_reader.CheckpointReader` (this rank then reads only its own shard
+        from the files) or an in-memory HF state dict. ``trainable=False``: a frozen copy (the KL reference policy)
+        -- no gradients, no optimizer state."""
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
@@ -95,9 +99,16 @@ class Learner:
         self.spec, self.layout, self.cfg, self.seq_length = spec, layout, cfg, seq_length
         self.temperature = temperature
         self.params_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        module = build_gpt_model(spec, layout, params_dtype=self.params_dtype)
+        # No random initialisation: every parameter is read from `weights` below (the strict loader checks that), and
+        # megatron's CPU initialisation builds each weight's FULL fp32 master copy first -- for a 0.5B model's
+        # embedding 545 MB on every rank, more than the rank's whole bf16 shard at TP=2. The flag is restored so
+        # that modules added later (adapters, precision wrappers) initialise as usual.
+        module = build_gpt_model(
+            spec, layout, params_dtype=self.params_dtype, config_overrides={"perform_initialization": False}
+        )
+        module.config.perform_initialization = True
         self.te_recipe = apply_precision(module, cfg.precision)  # fp8/nvfp4: TE recipe on GPU, else emulation
-        load_hf_state_dict(module, hf_state_dict, spec, layout)
+        load_hf_state_dict(module, weights, spec, layout)
         if not trainable:
             module.requires_grad_(False)  # DDP then allocates no gradient buffers for it
         self.config = module.config
@@ -196,11 +207,27 @@ class Learner:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run_schedule(batch, loss_func, forward_only=False)
-        update_ok, grad_norm, _ = self.optimizer.step()
         summed = self.reduce_sums(outputs)
+        if not (math.isfinite(summed.get("loss", 0.0)) and self._grads_finite()):
+            # A non-finite loss or gradient would poison the weights and Adam's moments for good: skip the step,
+            # leaving both untouched (the next step zeroes the gradient buffers); the trainer counts the skips.
+            summed.update(grad_norm=math.nan, update_skipped=1.0)
+            return summed
+        update_ok, grad_norm, _ = self.optimizer.step()
         summed["grad_norm"] = float(grad_norm) if grad_norm is not None else math.nan
         summed["update_skipped"] = float(not update_ok)
         return summed
+
+    def _grads_finite(self) -> bool:
+        """Collective: whether every gradient on every rank is finite (all ranks get the same answer)."""
+        finite = all(
+            bool(torch.isfinite(grad).all())
+            for p in self.model.parameters()
+            if (grad := getattr(p, "main_grad", p.grad)) is not None
+        )
+        flag = torch.tensor([0.0 if finite else 1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() == 0.0)
 
     def update(
         self,
@@ -263,9 +290,40 @@ class Learner:
     def gather_hf_weights(
         self, dtype: torch.dtype = torch.bfloat16, dst: int | None = 0
     ) -> dict[str, torch.Tensor] | None:
+        """Collective: the full policy as an HF state dict on rank ``dst`` (every rank with ``dst=None``)."""
         return gather_hf_state_dict(self.model.module, self.spec, self.layout, dst=dst, dtype=dtype)
 
-    def save_checkpoint(self, directory: str) -> None:
+    def save_checkpoint(
+        self,
+        directory: str,
+        *,
+        base_dir: str | Path | None = None,
+        run_config: dict[str, Any] | None = None,
+        step: int | None = None,
+    ) -> None:
+        """Collective: an atomic dist checkpoint that records what it holds (see ``learner/checkpoint.py``).
+
+        ``base_dir`` is the HF folder the run started from (its config and tokenizer are copied into the
+        checkpoint, so ``qrl-export`` needs nothing else); ``run_config`` the run's settings (``to_dict(cfg)``).
+        """
+        from dataclasses import asdict
+
         from qrl_megatron.learner.checkpoint import save_checkpoint
 
-        save_checkpoint(self.model, self.optimizer, directory)
+        meta = {
+            "kind": "learner",
+            "spec": asdict(self.spec),
+            "params_dtype": str(self.params_dtype).removeprefix("torch."),
+            "precision": self.cfg.precision,
+            "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp},
+            "base_model": str(Path(base_dir).resolve()) if base_dir is not None else None,
+            "step": step,
+            "run_config": run_config,
+        }
+        save_checkpoint(self.model, self.optimizer, directory, meta=meta, base_dir=base_dir)
+
+    def load_checkpoint(self, directory: str) -> dict[str, Any]:
+        """Collective: weights and optimizer state from a dist checkpoint written at any TP/PP layout."""
+        from qrl_megatron.learner.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.model, self.optimizer, directory)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import random
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from qrl_megatron.algos.policy_loss import sft_loss
 from qrl_megatron.learner.batch import pack_sequences
 from qrl_megatron.learner.config import LearnerConfig, WarmStartConfig
 from qrl_megatron.learner.learner import Learner, scheduled_lr
+from qrl_megatron.models.checkpoint_reader import INDEX_NAME, SINGLE_NAME
 from qrl_megatron.models.registry import ModelSpec
 from qrl_megatron.platform import ParallelLayout
 
@@ -36,7 +38,7 @@ def warmstart_key(
     rows came from (the trainer passes ``{"model": ..., "task": ...}``, its `model` and `task` config sections)."""
     identity = {
         **provenance,
-        "base_weights": _file_digest(base_dir / "model.safetensors"),
+        "base_weights": _weights_digest(base_dir),
         "warmstart": asdict(ws),
         "learner_precision": learner_precision,
         "seed": seed,
@@ -45,8 +47,25 @@ def warmstart_key(
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else str(path)
+def _weights_digest(base_dir: Path) -> str:
+    """Digest of the base weights' bytes: the single ``model.safetensors``, or the index and every shard it names.
+
+    Streamed (every rank computes it; a 7B base would otherwise be read into memory whole). For a single file it
+    is the file's sha256, as before, so existing caches stay valid.
+    """
+    index = base_dir / INDEX_NAME
+    if not index.is_file():
+        single = base_dir / SINGLE_NAME
+        if not single.is_file():
+            return str(base_dir)
+        with single.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    h = hashlib.sha256()
+    files = [index] + [base_dir / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    for path in files:
+        with path.open("rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
 
 
 def warmstart_dir(cache_dir: str | Path, key: str) -> Path:
@@ -54,7 +73,8 @@ def warmstart_dir(cache_dir: str | Path, key: str) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / MARKER).is_file() and (path / "model.safetensors").is_file()
+    # a folder of an older version with a stale index next to its single file is rebuilt, not read
+    return (path / MARKER).is_file() and (path / SINGLE_NAME).is_file() and not (path / INDEX_NAME).is_file()
 
 
 def run_warmstart(
@@ -63,7 +83,7 @@ def run_warmstart(
     spec: ModelSpec,
     layout: ParallelLayout,
     base_dir: Path,
-    base_weights: dict[str, torch.Tensor],
+    base_weights: Mapping[str, torch.Tensor],
     train_rows: list[dict[str, str]],
     tokenizer: Any,
     seq_length: int,
@@ -102,25 +122,35 @@ def run_warmstart(
     weights = learner.gather_hf_weights(dtype=torch.bfloat16, dst=0)
     if layout.rank == 0:
         assert weights is not None
-        _write_policy(out, base_dir, weights, {"final_loss": losses[-1] if losses else None, "steps": ws.steps})
+        write_policy(out, base_dir, weights, {"final_loss": losses[-1] if losses else None, "steps": ws.steps})
     dist.barrier()
     del learner
     return out
 
 
-def _write_policy(out: Path, base_dir: Path, weights: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-    """Copy the base folder's config/tokenizer, write the new weights, and rename into place (never half-written)."""
+def _is_weights_file(item: Path) -> bool:
+    """A file holding (or indexing) weights: never copied from the base, or the new folder would name stale ones."""
+    return item.suffix in _WEIGHT_SUFFIXES or item.name.endswith(".index.json")
+
+
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf"}
+
+
+def write_policy(out: Path, base_dir: Path, weights: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """Copy the base folder's config/tokenizer, write the new weights, and rename into place (never half-written).
+
+    The policy is one ``model.safetensors`` and no index: the base's index (of a sharded base) names the base's
+    shards, so it is not copied, and readers then take the single file.
+    """
     from safetensors.torch import save_file
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     for item in base_dir.iterdir():
-        if item.is_file() and item.suffix != ".safetensors" and not item.name.startswith(".qrl"):
+        if item.is_file() and not _is_weights_file(item) and not item.name.startswith(".qrl"):
             shutil.copy2(item, partial / item.name)
-    save_file(
-        {k: v.contiguous() for k, v in weights.items()}, str(partial / "model.safetensors"), metadata={"format": "pt"}
-    )
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(partial / SINGLE_NAME), metadata={"format": "pt"})
     (partial / MARKER).write_text(json.dumps(info))
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)

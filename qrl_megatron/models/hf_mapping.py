@@ -1,4 +1,4 @@
-"""Exact Hugging Face <-> Megatron-core weight mapping for Qwen2/Llama, and TP/PP sharding rules.
+"""Exact Hugging Face <-> Megatron-core weight mapping for Qwen2/Qwen3/Llama, and TP/PP sharding rules.
 
 Everything here works on FULL (unsharded) tensors with GLOBAL layer numbering; the TP helpers split and join
 them by parameter name, so the learner's loader/gatherer and the resharding bridge share one set of rules.
@@ -11,6 +11,8 @@ Megatron GPTModel names (local spec; the Transformer Engine spec fuses the norms
     decoder.layers.{i}.self_attention.linear_qkv.weight     [(nh+2*ng)*d, H]  column-parallel, per query group
     decoder.layers.{i}.self_attention.linear_qkv.bias       [(nh+2*ng)*d]     (Qwen2 only)
     decoder.layers.{i}.self_attention.linear_proj.weight    [H, nh*d]         row-parallel (dim 1)
+    decoder.layers.{i}.self_attention.q_layernorm.weight    [d]               replicated (Qwen3 only)
+    decoder.layers.{i}.self_attention.k_layernorm.weight    [d]               replicated (Qwen3 only)
     decoder.layers.{i}.pre_mlp_layernorm.weight             [H]               replicated
     decoder.layers.{i}.mlp.linear_fc1.weight                [2*F, H]          [gate; up], each column-parallel
     decoder.layers.{i}.mlp.linear_fc2.weight                [H, F]            row-parallel (dim 1)
@@ -18,12 +20,16 @@ Megatron GPTModel names (local spec; the Transformer Engine spec fuses the norms
     output_layer.weight                                     [V, H]            vocab-parallel; absent if tied
 
 The fused QKV is grouped by query group g = 0..ng-1: ``[q heads of group g (nh/ng of them), k_g, v_g]``.
+Qwen3's q/k norms (HF ``self_attn.q_norm`` / ``k_norm``) act on each head with one shared ``[d]`` weight, so every
+TP rank holds the whole weight (megatron sums their gradients over TP in ``finalize_model_grads``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -54,6 +60,8 @@ _HF_TO_MG_SIMPLE = {
     "input_layernorm.weight": "input_layernorm.weight",
     "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
     "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
+    "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",  # Qwen3
+    "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",  # Qwen3
     "mlp.down_proj.weight": "mlp.linear_fc2.weight",
 }
 _MG_TO_HF_SIMPLE = {v: k for k, v in _HF_TO_MG_SIMPLE.items()}
@@ -76,6 +84,8 @@ _HF_LAYER_ORDER = (
     "self_attn.v_proj.weight",
     "self_attn.v_proj.bias",
     "self_attn.o_proj.weight",
+    "self_attn.q_norm.weight",
+    "self_attn.k_norm.weight",
     "post_attention_layernorm.weight",
     "mlp.gate_proj.weight",
     "mlp.up_proj.weight",
@@ -180,6 +190,8 @@ def _hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         shapes.update(
             {"self_attn.q_proj.bias": (nh * d,), "self_attn.k_proj.bias": (ng * d,), "self_attn.v_proj.bias": (ng * d,)}
         )
+    if spec.qk_norm:
+        shapes.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
     return shapes
 
 
@@ -189,7 +201,7 @@ def _hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 
 def hf_to_megatron(hf_state_dict: Mapping[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """HF Qwen2/Llama state dict -> Megatron GPTModel state dict (local-spec names, full tensors, global layers).
+    """HF Qwen2/Qwen3/Llama state dict -> Megatron GPTModel state dict (local-spec names, full tensors, global layers).
 
     Strict: every expected HF tensor must be present with the right shape, and any unknown key is an error.
     With tied embeddings an ``lm_head.weight`` entry (as ``model.state_dict()`` reports it) must equal the
@@ -247,6 +259,9 @@ def hf_to_megatron(hf_state_dict: Mapping[str, torch.Tensor], spec: ModelSpec) -
                 src["self_attn.q_proj.bias"], src["self_attn.k_proj.bias"], src["self_attn.v_proj.bias"], spec
             )
         out[p + "self_attention.linear_proj.weight"] = src["self_attn.o_proj.weight"]
+        if spec.qk_norm:
+            out[p + "self_attention.q_layernorm.weight"] = src["self_attn.q_norm.weight"]
+            out[p + "self_attention.k_layernorm.weight"] = src["self_attn.k_norm.weight"]
         out[p + "pre_mlp_layernorm.weight"] = src["post_attention_layernorm.weight"]
         out[p + "mlp.linear_fc1.weight"] = torch.cat([src["mlp.gate_proj.weight"], src["mlp.up_proj.weight"]], dim=0)
         out[p + "mlp.linear_fc2.weight"] = src["mlp.down_proj.weight"]
@@ -277,6 +292,8 @@ def megatron_to_hf(megatron_state_dict: Mapping[str, torch.Tensor], spec: ModelS
     }
     if spec.qkv_bias:
         layer_keys.add("self_attention.linear_qkv.bias")
+    if spec.qk_norm:
+        layer_keys |= {"self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"}
     for name, t in sd.items():
         if name.endswith("._extra_state"):
             continue
@@ -314,6 +331,9 @@ def megatron_to_hf(megatron_state_dict: Mapping[str, torch.Tensor], spec: ModelS
             "post_attention_layernorm.weight": src["pre_mlp_layernorm.weight"],
             "mlp.down_proj.weight": src["mlp.linear_fc2.weight"],
         }
+        if spec.qk_norm:
+            layer["self_attn.q_norm.weight"] = src["self_attention.q_layernorm.weight"]
+            layer["self_attn.k_norm.weight"] = src["self_attention.k_layernorm.weight"]
         fc1 = src["mlp.linear_fc1.weight"]
         if fc1.shape[0] != 2 * f:
             raise ValueError(f"decoder.layers.{i}.mlp.linear_fc1.weight: dim 0 is {fc1.shape[0]}, expected {2 * f}")
@@ -423,6 +443,9 @@ def megatron_param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         if spec.qkv_bias:
             shapes[p + "self_attention.linear_qkv.bias"] = (qkv_rows,)
         shapes[p + "self_attention.linear_proj.weight"] = (h, spec.num_attention_heads * d)
+        if spec.qk_norm:
+            shapes[p + "self_attention.q_layernorm.weight"] = (d,)
+            shapes[p + "self_attention.k_layernorm.weight"] = (d,)
         shapes[p + "pre_mlp_layernorm.weight"] = (h,)
         shapes[p + "mlp.linear_fc1.weight"] = (2 * f, h)
         shapes[p + "mlp.linear_fc2.weight"] = (h, f)
@@ -477,3 +500,157 @@ def megatron_param_to_hf(name: str, tensor: torch.Tensor, spec: ModelSpec) -> li
         return list(zip(names, _split_qkv(tensor, spec), strict=True))
     gate, up = tensor.chunk(2, dim=0)
     return [(names[0], gate), (names[1], up)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One rank's shard as slices of HF tensors (the checkpoint reader reads only these bytes)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HFSlice:
+    """Rows ``[start, stop)`` of HF tensor ``name`` along ``dim`` (the whole tensor when it spans the dim)."""
+
+    name: str
+    dim: int
+    start: int
+    stop: int
+
+
+def hf_tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor a checkpoint of ``spec`` must hold and its shape (no ``lm_head.weight`` when tied).
+
+    Derived from :func:`megatron_param_shapes` through :func:`megatron_param_to_hf` on meta tensors, so the rules
+    that split a fused parameter are the ones that define what the file must contain.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in megatron_param_shapes(spec).items():
+        for hf_name, t in megatron_param_to_hf(name, torch.empty(shape, device="meta"), spec):
+            shapes[hf_name] = tuple(t.shape)
+    return shapes
+
+
+def is_ignored_hf_tensor(name: str) -> bool:
+    """Buffers some older checkpoints carry (``rotary_emb.inv_freq``): recomputed by both sides, never loaded."""
+    return _IGNORED_HF.search(name) is not None
+
+
+def check_hf_checkpoint(
+    shapes: Mapping[str, tuple[int, ...]], spec: ModelSpec, where: Callable[[str], str] = lambda name: "the checkpoint"
+) -> None:
+    """Raise a one-line ``ValueError`` unless ``shapes`` (HF name -> shape, as stored) is exactly a ``spec`` model.
+
+    Names the first offending tensor and where it lives (``where(name)``, e.g. its shard file) and says how many
+    more there are: a missing tensor, a tensor of the wrong shape, or a tensor no parameter of ``spec`` takes.
+    A tied model may also store ``lm_head.weight`` (the loader checks it equals the embedding).
+    """
+    expected = hf_tensor_shapes(spec)
+    if spec.tie_word_embeddings:
+        expected_optional = {"lm_head.weight": expected["model.embed_tokens.weight"]}
+    else:
+        expected_optional = {}
+
+    def fail(problem: str, names: list[str], fix: str) -> None:
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        raise ValueError(f"{where(names[0])}: {problem.format(name=names[0])}{more}; {fix}")
+
+    missing = [n for n in expected if n not in shapes]
+    if missing:
+        fail("{name} is missing", missing, f"the folder is not a complete {spec.arch} checkpoint of config.json")
+    unexpected = [n for n in shapes if n not in expected and n not in expected_optional and not is_ignored_hf_tensor(n)]
+    if unexpected:
+        fail(
+            "tensor {name} is not part of a " + spec.arch + " model",
+            unexpected,
+            "the weights do not match config.json (architecture or num_hidden_layers)",
+        )
+    for name, shape in shapes.items():
+        want = expected.get(name, expected_optional.get(name))
+        if want is not None and tuple(shape) != want:
+            raise ValueError(
+                f"{where(name)}: tensor {name} has shape {tuple(shape)}, config.json implies {want}; "
+                "the weights do not match config.json"
+            )
+
+
+def megatron_shard_slices(
+    name: str, spec: ModelSpec, tp_size: int, tp_rank: int, hf_shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[HFSlice, ...]:
+    """The HF slices that make up tensor-parallel rank ``tp_rank``'s shard of Megatron parameter ``name``.
+
+    Same result as ``shard_for_tp(name, hf_to_megatron(full)[name], ...)`` once joined by
+    :func:`assemble_megatron_shard`, but only this rank's rows/columns are named: fused QKV = the q, k and v rows of
+    the rank's query groups; fc1 = the rank's gate rows then its up rows; row-parallel = its columns; vocab-parallel
+    = its vocabulary rows; replicated = the whole tensor. ``name`` is a global (layer-numbered) Megatron name, local-
+    or TE-spec; a tied model's ``output_layer.weight`` reads the embedding. ``hf_shapes``: the stored HF shapes.
+    """
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank {tp_rank} out of range for tp_size {tp_size}")
+    local_name = to_local_spec_norm_name(name)
+    if local_name == "output_layer.weight" and spec.tie_word_embeddings:
+        hf_names: tuple[str, ...] = ("model.embed_tokens.weight",)
+    else:
+        hf_names = megatron_param_hf_names(local_name)
+    kind = tp_split_kind(local_name)
+
+    def whole(hf_name: str) -> HFSlice:
+        return HFSlice(hf_name, 0, 0, hf_shapes[hf_name][0])
+
+    def chunk(hf_name: str, dim: int) -> HFSlice:
+        size = hf_shapes[hf_name][dim]
+        _check_divisible(hf_name, size, tp_size, f"dim {dim}")
+        per = size // tp_size
+        return HFSlice(hf_name, dim, tp_rank * per, (tp_rank + 1) * per)
+
+    if kind == "replicated" or tp_size == 1:
+        return tuple(whole(n) for n in hf_names)
+    if kind == "qkv":
+        _check_divisible(name, spec.num_query_groups, tp_size, "num_query_groups")
+        groups = spec.num_query_groups // tp_size
+        first, d, hpg = tp_rank * groups, spec.kv_channels, spec.heads_per_group
+        q, k, v = hf_names
+        return (
+            HFSlice(q, 0, first * hpg * d, (first + groups) * hpg * d),
+            HFSlice(k, 0, first * d, (first + groups) * d),
+            HFSlice(v, 0, first * d, (first + groups) * d),
+        )
+    if kind == "fc1":
+        return tuple(chunk(n, 0) for n in hf_names)
+    if kind in ("vocab", "column"):
+        return (chunk(hf_names[0], 0),)
+    if kind == "row":
+        return (chunk(hf_names[0], 1),)
+    raise AssertionError(kind)
+
+
+def megatron_shard_shape(slices: tuple[HFSlice, ...], hf_shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """Shape of the shard :func:`assemble_megatron_shard` makes from ``slices`` (fused pieces join on dim 0)."""
+    shapes = []
+    for s in slices:
+        shape = list(hf_shapes[s.name])
+        if shape:
+            shape[s.dim] = s.stop - s.start
+        shapes.append(shape)
+    if len(shapes) == 1:
+        return tuple(shapes[0])
+    return (sum(sh[0] for sh in shapes), *shapes[0][1:])
+
+
+def assemble_megatron_shard(name: str, pieces: list[torch.Tensor], spec: ModelSpec, tp_size: int) -> torch.Tensor:
+    """Join the tensors read for :func:`megatron_shard_slices` (same order) into the rank's Megatron shard."""
+    kind = tp_split_kind(to_local_spec_norm_name(name))
+    if len(pieces) == 1:
+        return pieces[0]
+    if kind == "qkv":
+        # The rank holds whole query groups: fuse them exactly as the full model is fused, with the per-rank counts.
+        local = dataclasses.replace(
+            spec,
+            num_attention_heads=spec.num_attention_heads // tp_size,
+            num_query_groups=spec.num_query_groups // tp_size,
+            head_dim=spec.kv_channels,
+        )
+        q, k, v = pieces
+        return _fuse_qkv(q, k, v, local)
+    if kind == "fc1":
+        return torch.cat(pieces, dim=0)
+    raise ValueError(f"{name}: {len(pieces)} HF pieces for a {kind} parameter")

@@ -7,6 +7,7 @@ A :class:`ModelSpec` is read from a Hugging Face config (``config.json``) and tu
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +18,59 @@ import torch
 if TYPE_CHECKING:
     from megatron.core.transformer import TransformerConfig
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "ModelSpec", "load_spec", "spec_from_hf_config", "transformer_config"]
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "SUPPORTED_ROPE_TYPES",
+    "Llama3RopeScaling",
+    "ModelSpec",
+    "load_spec",
+    "rope_inv_freq",
+    "spec_from_hf_config",
+    "transformer_config",
+]
 
-# HF architecture class name -> our arch key. Qwen2ForCausalLM covers Qwen2 and Qwen2.5.
-SUPPORTED_ARCHITECTURES: dict[str, str] = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
-_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama"}
+# HF architecture class name -> our arch key. Qwen2ForCausalLM covers Qwen2 and Qwen2.5. (Qwen3 last: error
+# messages list them in this order.)
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+    "Qwen3ForCausalLM": "qwen3",
+}
+_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3"}
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """The ``llama3`` RoPE scaling of Llama 3.1+ (HF ``rope_type: llama3``): frequencies whose wavelength exceeds
+    ``original_max_position_embeddings / low_freq_factor`` are divided by ``factor``, those shorter than
+    ``original_max_position_embeddings / high_freq_factor`` are kept, the band between is interpolated."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        if not self.factor >= 1.0:
+            raise ValueError(f"rope_scaling.factor must be >= 1 for llama3 RoPE, got {self.factor}")
+        if not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError(
+                f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed rope_scaling.low_freq_factor "
+                f"({self.low_freq_factor}) > 0 for llama3 RoPE"
+            )
+        if self.original_max_position_embeddings < 1:
+            raise ValueError(
+                "rope_scaling.original_max_position_embeddings must be a positive integer, got "
+                f"{self.original_max_position_embeddings}"
+            )
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shape and architecture of a decoder-only Qwen2/Llama model (pre-norm RMSNorm, SwiGLU, RoPE, GQA)."""
+    """Shape and architecture of a decoder-only Qwen2/Qwen3/Llama model (pre-norm RMSNorm, SwiGLU, RoPE, GQA)."""
 
-    arch: str  # "qwen2" | "llama"
+    arch: str  # "qwen2" | "qwen3" | "llama"
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -41,6 +83,8 @@ class ModelSpec:
     tie_word_embeddings: bool
     qkv_bias: bool  # Qwen2: True, Llama: False
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k (weights [head_dim]) before RoPE
+    rope_scaling: Llama3RopeScaling | None = None  # None: plain RoPE
 
     def __post_init__(self) -> None:
         if self.arch not in _MODEL_TYPES:
@@ -71,21 +115,76 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-def _rope_theta(cfg: Any) -> float:
-    # transformers >= 5 keeps RoPE settings in ``rope_parameters``; older configs have rope_theta/rope_scaling.
-    params = _get(cfg, "rope_parameters")
-    scaling = _get(cfg, "rope_scaling")
-    if isinstance(params, Mapping):
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        theta = params.get("rope_theta", _get(cfg, "rope_theta", 10000.0))
-    else:
-        rope_type = "default"
-        theta = _get(cfg, "rope_theta", 10000.0)
-    if isinstance(scaling, Mapping):
-        rope_type = scaling.get("rope_type", scaling.get("type", rope_type))
-    if rope_type not in (None, "default"):
-        raise ValueError(f"RoPE scaling type {rope_type!r} is not supported (only the default RoPE)")
-    return float(theta)
+def _rope(cfg: Any) -> tuple[float, Llama3RopeScaling | None]:
+    """RoPE base and scaling from either config form.
+
+    transformers >= 5 writes one ``rope_parameters`` dict (``rope_type``, ``rope_theta`` and the scaling keys);
+    published hub configs have a top-level ``rope_theta`` and a ``rope_scaling`` dict (``rope_type`` or the older
+    ``type``), or ``rope_scaling: null``. Both are read; where both are present their keys agree (transformers
+    derives one from the other), so they are merged.
+    """
+    merged: dict[str, Any] = {}
+    field = "rope_parameters"
+    for key in ("rope_parameters", "rope_scaling"):
+        value = _get(cfg, key)
+        if isinstance(value, Mapping):
+            merged.update(value)
+            field = key
+        elif value is not None:
+            raise ValueError(f"config.json {key} must be a mapping or null, got {value!r}")
+    theta = merged.get("rope_theta", _get(cfg, "rope_theta", 10000.0))
+    rope_type = merged.get("rope_type", merged.get("type", "default")) or "default"
+    partial = merged.get("partial_rotary_factor", _get(cfg, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(
+            f"config.json partial_rotary_factor={partial} is not supported (rotary on the whole head only)"
+        )
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ValueError(
+            f"config.json {field}.rope_type {rope_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if merged.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json {field} of rope_type 'llama3' lacks {', '.join(missing)}; add them")
+    return float(theta), Llama3RopeScaling(
+        factor=float(merged["factor"]),
+        low_freq_factor=float(merged["low_freq_factor"]),
+        high_freq_factor=float(merged["high_freq_factor"]),
+        original_max_position_embeddings=int(merged["original_max_position_embeddings"]),
+    )
+
+
+def rope_inv_freq(spec: ModelSpec, device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE inverse frequencies ``[head_dim / 2]`` (fp32), computed exactly as transformers does for the spec.
+
+    The one place the learner's RoPE frequencies come from. megatron-core 0.19's ``RotaryEmbedding`` can apply the
+    llama3 scaling only with ``low_freq_factor=1``, ``high_freq_factor=4`` and ``original_max_position_embeddings=
+    8192`` hard-coded (only ``rope_scaling_factor`` is an argument), so a model with other values (and the small
+    test models) would silently get other frequencies; ``build_gpt_model`` overwrites the module's ``inv_freq``
+    with this tensor instead. The arithmetic follows ``transformers.modeling_rope_utils`` (default and llama3) op
+    for op, so the fp32 learner equals an fp32 transformers forward.
+    """
+    dim = spec.kv_channels
+    base = spec.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+    scaling = spec.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old_context_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context_len / low
+    high_freq_wavelen = old_context_len / high
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths (low frequencies) are divided by factor, short ones kept, the band between interpolated
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, inv_freq_llama)
 
 
 def spec_from_hf_config(hf_config: Any) -> ModelSpec:
@@ -100,16 +199,19 @@ def spec_from_hf_config(hf_config: Any) -> ModelSpec:
     if arch is None and not archs:
         arch = _MODEL_TYPES.get(model_type)
     if arch is None:
+        field = f"architectures {list(archs)}" if archs else f"model_type {model_type!r}"
         raise ValueError(
-            f"unsupported model architecture {list(archs) or model_type!r}; supported: "
+            f"config.json {field} is not a supported model architecture; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
     hidden_act = _get(hf_config, "hidden_act", "silu")
     if hidden_act != "silu":
         raise ValueError(f"hidden_act {hidden_act!r} is not supported (SwiGLU with silu only)")
-    if arch == "qwen2" and _get(hf_config, "use_sliding_window", False):
-        raise ValueError("Qwen2 use_sliding_window=True is not supported")
+    if arch in ("qwen2", "qwen3") and _get(hf_config, "use_sliding_window", False):
+        raise ValueError(f"config.json use_sliding_window=true is not supported for {arch}; set it to false")
+    if arch == "qwen3" and _get(hf_config, "attention_bias", False):
+        raise ValueError("config.json attention_bias=true is not supported for Qwen3 (it also adds an o_proj bias)")
     if arch == "llama":
         if _get(hf_config, "attention_bias", False):
             raise ValueError("Llama attention_bias=True is not supported (it also adds an o_proj bias)")
@@ -121,6 +223,7 @@ def spec_from_hf_config(hf_config: Any) -> ModelSpec:
     head_dim = _get(hf_config, "head_dim")
     head_dim = None if head_dim is None or int(head_dim) == hidden // heads else int(head_dim)
     kv_heads = _get(hf_config, "num_key_value_heads")
+    rope_theta, rope_scaling = _rope(hf_config)
     return ModelSpec(
         arch=arch,
         vocab_size=int(_get(hf_config, "vocab_size")),
@@ -130,11 +233,13 @@ def spec_from_hf_config(hf_config: Any) -> ModelSpec:
         num_query_groups=int(kv_heads if kv_heads is not None else heads),
         ffn_hidden_size=int(_get(hf_config, "intermediate_size")),
         max_position_embeddings=int(_get(hf_config, "max_position_embeddings")),
-        rope_theta=_rope_theta(hf_config),
+        rope_theta=rope_theta,
         norm_eps=float(_get(hf_config, "rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(_get(hf_config, "tie_word_embeddings", False)),
         qkv_bias=arch == "qwen2",
         head_dim=head_dim,
+        qk_norm=arch == "qwen3",
+        rope_scaling=rope_scaling,
     )
 
 
@@ -155,8 +260,8 @@ def transformer_config(
 ) -> TransformerConfig:
     """megatron-core TransformerConfig for ``spec`` on a TP x PP layout.
 
-    Pre-norm RMSNorm, SwiGLU (gated silu), RoPE, GQA, no linear biases except the q/k/v bias of Qwen2, no
-    dropout, no fusions (they are CUDA kernels or differ numerically from HF). On CPU:
+    Pre-norm RMSNorm, SwiGLU (gated silu), RoPE, GQA, no linear biases except the q/k/v bias of Qwen2, the
+    per-head q/k RMSNorm of Qwen3 (``qk_layernorm``; the layer spec must be built with it too), no dropout, no fusions (they are CUDA kernels or differ numerically from HF). On CPU:
     ``use_cpu_initialization=True`` (also makes TP=1 and TP>1 initialise identically) and
     ``batch_p2p_comm=False`` (batched p2p gives wrong gradients on gloo with interleaved PP).
     ``overrides`` are set last and win.
@@ -181,6 +286,7 @@ def transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         params_dtype=params_dtype,
