@@ -2,7 +2,7 @@
 
 Each component owns a dataclass, defined next to its code with the helpers of `qrl_megatron.config_fields`:
 `learner/config.py` (learner, warmstart), `rollout/config.py` (rollout, algo.aqn), `algos/config.py` (algo,
-algo.invariant_scaling), `bridge/config.py` (sync), `data/config.py` (task), `models/config.py` (model; the tiny
+algo.invariant_scaling), `bridge/config.py` (sync), `data/config.py` (task), `rewards/config.py` (reward), `evals/config.py` (eval), `models/config.py` (model; the tiny
 shape is `models/tiny.py`'s), `train_config.py` (run, trainer). This module holds the OmegaConf structured root
 `QRLConfig` with its cross-component checks, the loader and the reference, and re-exports the component classes.
 YAML recipes in `configs/` are merged onto the root, then `key=value` dotlist overrides. Every field carries a
@@ -25,9 +25,11 @@ from qrl_megatron.algos.config import AlgoConfig, InvariantScalingConfig
 from qrl_megatron.bridge.config import SyncConfig
 from qrl_megatron.config_fields import ConfigError, check_choice, check_positive, check_range, doc
 from qrl_megatron.data.config import TaskConfig
+from qrl_megatron.evals.config import EvalConfig
 from qrl_megatron.learner.config import LearnerConfig, WarmStartConfig
 from qrl_megatron.models.config import ModelConfig
 from qrl_megatron.models.tiny import TinyModelConfig
+from qrl_megatron.rewards.config import RewardConfig
 from qrl_megatron.rollout.config import AQNConfig, RolloutConfig
 from qrl_megatron.train_config import RunConfig, TrainerConfig
 
@@ -35,10 +37,12 @@ __all__ = [
     "AQNConfig",
     "AlgoConfig",
     "ConfigError",
+    "EvalConfig",
     "InvariantScalingConfig",
     "LearnerConfig",
     "ModelConfig",
     "QRLConfig",
+    "RewardConfig",
     "RolloutConfig",
     "RunConfig",
     "SyncConfig",
@@ -68,9 +72,11 @@ class QRLConfig:
     warmstart: WarmStartConfig = doc(text="supervised warm-start before RL", factory=WarmStartConfig)
     learner: LearnerConfig = doc(text="Megatron learner", factory=LearnerConfig)
     rollout: RolloutConfig = doc(text="vLLM rollout engine", factory=RolloutConfig)
+    reward: RewardConfig = doc(text="the verifier and the format reward", factory=RewardConfig)
     algo: AlgoConfig = doc(text="advantages and policy loss", factory=AlgoConfig)
     sync: SyncConfig = doc(text="learner -> engine weight sync", factory=SyncConfig)
     trainer: TrainerConfig = doc(text="the RL loop", factory=TrainerConfig)
+    eval: EvalConfig = doc(text="held-out evaluation (greedy, pass@k, mean@k)", factory=EvalConfig)
 
     def validate(self) -> QRLConfig:
         for f in fields(self):

@@ -19,7 +19,8 @@ from qrl_megatron.algos.invariant_scaling import apply_invariant_scaling
 from qrl_megatron.algos.policy_loss import grpo_loss
 from qrl_megatron.bridge.base import make_weight_sync
 from qrl_megatron.config import QRLConfig, to_dict
-from qrl_megatron.data.arithmetic import load_task
+from qrl_megatron.data.loader import load_task
+from qrl_megatron.evals.run import flat_metrics
 from qrl_megatron.hf_export import export_policy
 from qrl_megatron.learner.batch import TokenBatch
 from qrl_megatron.learner.learner import Learner, scheduled_lr
@@ -29,6 +30,8 @@ from qrl_megatron.metrics.logger import MetricsLogger
 from qrl_megatron.models.base import load_hf_weights, load_tokenizer, prepare_base_model, sequence_length
 from qrl_megatron.models.registry import load_spec
 from qrl_megatron.platform import destroy_distributed, init_distributed
+from qrl_megatron.rewards import MATH_VERIFIER
+from qrl_megatron.rewards.scorer import RewardScorer, verifier_name
 from qrl_megatron.rollout.aqn import AdaptiveQuantizationNoise
 from qrl_megatron.rollout.engines import make_engine
 from qrl_megatron.rollout.stage import RolloutDriver, RolloutResult
@@ -48,7 +51,16 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     # the launcher built the base model before the ranks started: a cache hit here
     base_dir = prepare_base_model(cfg.model, cfg.run.cache_dir)
     spec, tokenizer = load_spec(base_dir), load_tokenizer(base_dir)
-    task = load_task(cfg.task, cfg.seed)
+    # rows math-verify cannot score, or whose prompt leaves no room for the completion, are skipped (and counted)
+    task = load_task(
+        cfg.task,
+        cfg.seed,
+        tokenizer,
+        max_prompt_tokens=spec.max_position_embeddings - cfg.rollout.max_new_tokens,
+        check_answers=verifier_name(cfg.reward, cfg.task.name) == MATH_VERIFIER,
+        workers=cfg.reward.workers,
+        verbose=layout.rank == 0,
+    )
     seq_length = sequence_length(tokenizer, task, cfg.rollout.max_new_tokens, spec.max_position_embeddings)
 
     policy_dir = base_dir
@@ -111,7 +123,10 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         engine = make_engine(cfg.rollout, run_dir, cfg.seed, policy_dir, seq_length, sync.plan)
-        driver = RolloutDriver(engine, cfg.rollout, cfg.algo, task, seq_length, tokenizer.pad_token_id, cfg.seed)
+        scorer = RewardScorer(cfg.reward, cfg.task.name)
+        driver = RolloutDriver(
+            engine, cfg.rollout, cfg.algo, task, seq_length, tokenizer.pad_token_id, cfg.seed, scorer, cfg.eval
+        )
         logger = MetricsLogger(run_dir, cfg.run.tensorboard, cfg.run.progress, cfg.trainer.max_steps, start_step)
         if state:
             driver.sampler.load_state(state["sampler"])
@@ -122,7 +137,8 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         print("initial sync: " + ", ".join(f"{k}={v:.4g}" for k, v in initial_sync.items()), flush=True)
         if not state:
             evals["initial_sync"] = initial_sync
-            evals["before"] = driver.evaluate()
+            evals["data"] = task.report  # rows used and skipped per split and reason
+            evals["before"] = driver.evaluate(0)
         print(f"held-out greedy accuracy before RL: {evals['before']['accuracy']:.3f}", flush=True)
     aqn = AdaptiveQuantizationNoise(cfg.algo.aqn, cfg.trainer.max_steps, cfg.seed)
     # the first rollout is in AQN stage 0 (no noise); a resumed run re-applies the noise its last step drew
@@ -168,7 +184,9 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
             metrics = _step_metrics(result.metrics, mismatch, updates, train_seconds, sync_metrics)
             metrics["lr"] = lr
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                metrics["eval_accuracy"] = driver.evaluate()["accuracy"]
+                metrics.update(flat_metrics(driver.evaluate(step)))  # eval_accuracy, eval/<set>/pass@k, ...
+            if step == start_step + 1:  # the data accounting, once: data/<split>/skipped_<reason>
+                metrics.update({f"data/{k}/{m}": float(v) for k, r in task.report.items() for m, v in r.items()})
             # QeRL AQN: noise on the engine's RMSNorm weights for the next rollout (the sync restored clean ones;
             # the probe and the evaluation above saw the clean policy)
             metrics["aqn_sigma"], aqn_sigma = aqn_sigma, aqn(driver.engine, step)
@@ -197,7 +215,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     # streamed tensor by tensor to rank 0's writer; transformers, vLLM and bench/ablation.py load it
     export_policy(learner.model, spec, layout, Path(cfg.run.dir) / "final", base_dir)
     if driver and logger:
-        evals["after"] = driver.evaluate()
+        evals["after"] = driver.evaluate(step)
         evals.update(rl_seconds=rl_seconds, steps=step, policy=str(policy_dir))
         evals["improvement"] = evals["after"]["accuracy"] - evals["before"]["accuracy"]
         (Path(cfg.run.dir) / "eval.json").write_text(json.dumps(evals, indent=2))
@@ -207,6 +225,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
             flush=True,
         )
         logger.close()
+        driver.close()
         driver.engine.close()
     dist.barrier()
     destroy_distributed()

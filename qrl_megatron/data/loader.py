@@ -132,6 +132,7 @@ def load_task(
     max_prompt_tokens: int = 0,
     check_answers: bool = False,
     workers: int = 2,
+    verbose: bool = True,
 ) -> TaskData:
     """The task's splits; `tokenizer` renders chat templates and measures prompts against `max_prompt_tokens`
     (`task.max_prompt_tokens` wins when set); `check_answers` skips references math-verify cannot parse."""
@@ -185,7 +186,8 @@ def load_task(
     if check_answers:
         _check_answers(splits, workers)
 
-    print(f"task {cfg.name}: " + "; ".join(s.summary() for s in splits), flush=True)
+    if verbose:
+        print(f"task {cfg.name}: " + "; ".join(s.summary() for s in splits), flush=True)
     for s in splits:
         bad = sum(len(v) for v in s.skipped.values())
         if s.total and bad / s.total > cfg.max_bad_fraction:
@@ -209,8 +211,6 @@ def load_task(
                  **{f"warning_{k}": v for k, v in s.warnings.items()}}
         for s in splits
     }  # fmt: skip
-    print(
-        f"first prompt ({splits[0].name}):\n{splits[0].prompts[0]}\n-- reference answer: {splits[0].answers[0]}",
-        flush=True,
-    )
+    if verbose:
+        print(f"first prompt (train):\n{splits[0].prompts[0]}\n-- reference answer: {splits[0].answers[0]}", flush=True)
     return task

@@ -11,8 +11,12 @@ import torch
 
 from qrl_megatron.algos.advantages import group_advantages
 from qrl_megatron.algos.config import AlgoConfig
+from qrl_megatron.data.loader import eval_sets
+from qrl_megatron.evals.config import EvalConfig
+from qrl_megatron.evals.run import evaluate_set
 from qrl_megatron.learner.batch import TokenBatch, pack_sequences
-from qrl_megatron.rewards.arithmetic import exact_answer_reward
+from qrl_megatron.rewards.config import RewardConfig
+from qrl_megatron.rewards.scorer import RewardScorer
 from qrl_megatron.rewards.shaping import mask_truncated, overlong_penalty
 from qrl_megatron.rollout.config import RolloutConfig
 from qrl_megatron.rollout.engine import Completion, RolloutEngine
@@ -28,7 +32,8 @@ class RolloutDriver:
     """Rank 0's side of the data path: the engine, the prompt stream and the held-out set.
 
     `cfg` sizes and samples the rollout; `algo` holds the knobs the reward and advantage stages read (shaping,
-    dynamic sampling, the advantage); `seed` orders the prompt stream.
+    dynamic sampling, the advantage); `seed` orders the prompt stream; `scorer` is the reward stage (default: the
+    exact-answer verifier); `eval_cfg` sets pass@k sampling of the held-out sets (default: greedy only).
     """
 
     def __init__(
@@ -40,16 +45,32 @@ class RolloutDriver:
         seq_length: int,
         pad_id: int,
         seed: int,
+        scorer: RewardScorer | None = None,
+        eval_cfg: EvalConfig | None = None,
     ) -> None:
         self.engine, self.cfg, self.algo, self.seq_length, self.pad_id = engine, cfg, algo, seq_length, pad_id
+        self.scorer = scorer or RewardScorer(RewardConfig(fn="exact"), "arithmetic")
+        self.eval_cfg = eval_cfg or EvalConfig()
         self.sampler = PromptSampler(list(task["train"]["prompt"]), list(task["train"]["answer"]), seed)
-        self.eval_prompts, self.eval_answers = list(task["eval"]["prompt"]), list(task["eval"]["answer"])
+        self.eval_sets = {
+            name: (list(ds["prompt"]), list(ds["answer"])) for name, ds in eval_sets(task).items()
+        }  # the first is the main set
 
     def rollout(self, step: int) -> RolloutResult:
-        return rollout(self.engine, self.sampler, self.cfg, self.algo, step, self.seq_length, self.pad_id)
+        return rollout(self.engine, self.sampler, self.cfg, self.algo, step, self.seq_length, self.pad_id, self.scorer)
 
-    def evaluate(self) -> dict[str, float]:
-        return evaluate(self.engine, self.eval_prompts, self.eval_answers, self.cfg.max_new_tokens)
+    def evaluate(self, step: int = 0) -> dict[str, Any]:
+        """The main set's 'accuracy' and 'num_problems' (and pass@k / mean@k), and every set under 'sets'."""
+        max_new = self.eval_cfg.max_new_tokens or self.cfg.max_new_tokens
+        sets = {
+            name: evaluate_set(self.engine, self.scorer, prompts, answers, self.eval_cfg, max_new, step)
+            for name, (prompts, answers) in self.eval_sets.items()
+        }
+        main = next(iter(sets.values()))
+        return {**main, "sets": sets} if len(sets) > 1 or self.eval_cfg.k else main
+
+    def close(self) -> None:
+        self.scorer.close()
 
 
 class PromptSampler:
@@ -69,9 +90,20 @@ class PromptSampler:
             picked.append(self.order.pop())
         return [self.prompts[i] for i in picked], [self.answers[i] for i in picked]
 
+    def state(self) -> dict[str, Any]:
+        """The stream's position (JSON-serialisable): a resumed run draws the same prompts as an uninterrupted one."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self.order)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order = list(state["order"])
+
 
 def score(completions: list[Completion], answers: list[str]) -> torch.Tensor:
-    return torch.tensor([exact_answer_reward(c.text, answers[c.prompt_index], c.finished) for c in completions])
+    """Exact-answer rewards (the arithmetic task's verifier, in-process)."""
+    return RewardScorer(RewardConfig(fn="exact"), "arithmetic")(completions, answers)[0]
 
 
 def rollout(
@@ -82,6 +114,7 @@ def rollout(
     step: int,
     seq_length: int,
     pad_id: int,
+    scorer: RewardScorer | None = None,
 ) -> RolloutResult:
     """Sample `prompts_per_step` groups, score them, and pack the learner batch.
 
@@ -93,7 +126,9 @@ def rollout(
     n, wanted = cfg.samples_per_prompt, cfg.prompts_per_step
     kept: list[tuple[list[Completion], torch.Tensor]] = []
     dropped: list[tuple[list[Completion], torch.Tensor]] = []
+    scorer = scorer or RewardScorer(RewardConfig(fn="exact"), "arithmetic")
     sampled_rewards, seconds, tokens, attempts = [], 0.0, 0, 0
+    reward_metrics: dict[str, float] = {}
     max_attempts = algo.dynamic_sampling_max_attempts if algo.dynamic_sampling else 1
     while len(kept) < wanted and attempts < max_attempts:
         attempts += 1
@@ -104,7 +139,9 @@ def rollout(
         )
         seconds += time.perf_counter() - start
         tokens += sum(len(c.token_ids) for c in completions)
-        task_rewards = score(completions, answers)
+        task_rewards, round_metrics = scorer(completions, answers)
+        for key, value in round_metrics.items():  # summed over rounds (times, timeouts); means re-taken below
+            reward_metrics[key] = reward_metrics.get(key, 0.0) + value
         sampled_rewards.append(task_rewards)
         rewards = task_rewards + overlong_penalty(  # DAPO soft overlong punishment (zero when overlong_buffer=0)
             [len(c.token_ids) for c in completions],
@@ -142,12 +179,16 @@ def rollout(
         "truncated_fraction": sum(not c.finished for c in completions) / len(completions),
         "time_rollout_s": seconds,
         "rollout_tokens_per_s": tokens / max(seconds, 1e-9),
+        "time_reward_s": reward_metrics["time_reward_s"],
+        "reward_timeouts": reward_metrics["reward_timeouts"],
     }
+    for key in ("reward_format_mean", "reward_correct_mean"):
+        if key in reward_metrics:
+            metrics[key] = reward_metrics[key] / attempts
     return RolloutResult(batch=batch, metrics=metrics)
 
 
-def evaluate(engine: RolloutEngine, prompts: list[str], answers: list[str], max_new_tokens: int) -> dict[str, float]:
-    """Greedy held-out accuracy."""
-    completions = engine.greedy(prompts, max_new_tokens)
-    rewards = score(completions, answers)
-    return {"accuracy": float(rewards.mean()), "num_problems": len(prompts)}
+def evaluate(engine: RolloutEngine, prompts: list[str], answers: list[str], max_new_tokens: int) -> dict[str, Any]:
+    """Greedy held-out accuracy with the exact-answer verifier (`RolloutDriver.evaluate` covers the rest)."""
+    scorer = RewardScorer(RewardConfig(fn="exact"), "arithmetic")
+    return evaluate_set(engine, scorer, prompts, answers, EvalConfig(), max_new_tokens)
