@@ -15,6 +15,8 @@ import re
 from functools import lru_cache
 from typing import Any
 
+from qrl_megatron.data.schemas import last_boxed
+
 __all__ = ["answer_span", "ground_truth_parses", "parse_ground_truth", "parse_prediction", "verify_math"]
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
@@ -99,8 +101,9 @@ def parse_ground_truth(ground_truth: str) -> list[Any]:
 
 def parse_prediction(completion: str) -> list[Any]:
     where, text = answer_span(completion)
-    if where == "boxed":
-        return _parse(text, _configs()[0])
+    if where == "boxed":  # the last \boxed{} is the final answer (math-verify alone may pick an earlier one)
+        last = last_boxed(text)
+        return _parse(f"$\\boxed{{{last}}}$" if last else text, _configs()[0])
     if where == "whole":
         # no marker: the last number or expression the text ends with (math-verify's own unanchored search)
         return _parse(text, _configs()[1])
