@@ -6,7 +6,7 @@ engine in the arm's format, the resharding bridge) on ``configs/tiny_cpu.yaml`` 
 whole ablation takes about an hour on 2 cores.
 
 Resumable: a run whose ``eval.json`` exists is kept and skipped, so re-running the command after an interruption
-finishes the rest. At the end every run's final *full-precision* policy (``final_policy.safetensors``) is also
+finishes the rest. At the end every run's final *full-precision* policy (the HF folder ``final/``) is also
 evaluated greedily on one bf16 engine, next to the quantized engine's own accuracy, and the report is written:
 ``docs/results/ablation.md`` (table), ``docs/results/ablation.png`` (reward and mismatch curves) and
 ``docs/results/ablation.json``.
@@ -91,15 +91,14 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
 def evaluate_full_precision(run_dirs: list[Path]) -> dict[str, float]:
     """Greedy held-out accuracy of every run's final full-precision policy, on one bf16 engine."""
     import torch
-    from safetensors.torch import load_file
 
     from qrl_megatron.config import load_config
     from qrl_megatron.data.arithmetic import load_task
-    from qrl_megatron.models.base import prepare_base_model
+    from qrl_megatron.models.base import load_hf_weights, prepare_base_model
     from qrl_megatron.rollout.stage import evaluate
     from qrl_megatron.rollout.vllm_engine import VLLMEngine
 
-    todo = [d for d in run_dirs if (d / "final_policy.safetensors").is_file()]
+    todo = [d for d in run_dirs if (d / "final" / "config.json").is_file()]
     if not todo:
         return {}
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [])
@@ -112,9 +111,7 @@ def evaluate_full_precision(run_dirs: list[Path]) -> dict[str, float]:
             task = load_task(
                 load_config(ROOT / "configs" / "tiny_cpu.yaml", [f"seed={run_cfg['seed']}"]).task, run_cfg["seed"]
             )
-            engine.load_weights(
-                {k: v.to(torch.bfloat16) for k, v in load_file(str(run_dir / "final_policy.safetensors")).items()}
-            )
+            engine.load_weights({k: v.to(torch.bfloat16) for k, v in load_hf_weights(run_dir / "final").items()})
             result = evaluate(
                 engine, list(task["eval"]["prompt"]), list(task["eval"]["answer"]), cfg.rollout.max_new_tokens
             )

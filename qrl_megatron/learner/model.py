@@ -140,7 +140,10 @@ def global_param_name(local_name: str, offset: int) -> str:
 
 
 def load_hf_state_dict(
-    model: torch.nn.Module, weights: Mapping[str, torch.Tensor], spec: ModelSpec, layout: ParallelLayout
+    model: torch.nn.Module,
+    weights: Mapping[str, torch.Tensor] | CheckpointSource,
+    spec: ModelSpec,
+    layout: ParallelLayout,
 ) -> None:
     """Read this rank's shard of ``model`` (bare GPTModel, or wrapped: ``model.module``) from HF weights.
 
@@ -264,14 +267,15 @@ def iter_full_params(
         return (t.to(dtype) if dtype is not None else t).contiguous()
 
     # Every rank learns the global stream: (name, full shape, dtype, stage) of each owner's parameters, in order.
-    meta = []
+    meta: list[tuple[str, tuple[int, ...], str, int]] = []
     if owner:
-        for global_name, p in params.items():
-            shape = list(p.shape)
+        for global_name, param in params.items():
+            full_shape = list(param.shape)
             kind = tp_split_kind(global_name)
             if layout.tp > 1 and kind != "replicated":
-                shape[1 if kind == "row" else 0] *= layout.tp
-            meta.append((global_name, tuple(shape), str(prepared(p).dtype), layout.pp_rank))
+                full_shape[1 if kind == "row" else 0] *= layout.tp
+            sent_dtype = dtype if dtype is not None else param.dtype
+            meta.append((global_name, tuple(full_shape), str(sent_dtype), layout.pp_rank))
     all_meta: list[list[tuple[str, tuple[int, ...], str, int]] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(all_meta, meta)
 
