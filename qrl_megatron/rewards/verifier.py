@@ -123,8 +123,9 @@ def verify_math(completion: str, ground_truth: str) -> float:
 
 
 def ground_truth_parses(_completion: str, ground_truth: str) -> float:
-    """1.0 when math-verify can read `ground_truth` (the loader's check, run in the reward pool for its deadline)."""
+    """1.0 when math-verify reads `ground_truth` as math (the loader's check, run in the reward pool for its
+    deadline); its string-only fallback (what it returns for '\\frac{') does not count."""
     try:
-        return float(bool(parse_ground_truth(ground_truth)))
+        return float(any(not isinstance(x, str) for x in parse_ground_truth(ground_truth)))
     except Exception:
         return 0.0
