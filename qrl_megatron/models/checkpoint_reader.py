@@ -28,7 +28,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -358,12 +358,32 @@ class StateDictReader(Mapping[str, torch.Tensor]):
         return out.copy_(piece)
 
 
-# What the loader reads from: a folder on disk or a state dict in memory, with the same slice interface.
-CheckpointSource = CheckpointReader | StateDictReader
+@runtime_checkable
+class CheckpointSource(Protocol):
+    """What the loader reads from: HF tensor names, their stored shapes, where each lives, and slice reads.
+
+    :class:`CheckpointReader` (a folder on disk) and :class:`StateDictReader` (a state dict in memory) are two."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def where(self, name: str) -> str: ...
+
+    def read_slice(
+        self,
+        name: str,
+        dim: int = 0,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
 
-def as_checkpoint_reader(weights: Mapping[str, torch.Tensor]) -> CheckpointSource:
-    """``weights`` with ``shape`` / ``where`` / ``read_slice``: a :class:`CheckpointReader` as is, a dict wrapped."""
-    if isinstance(weights, CheckpointReader):
+def as_checkpoint_reader(weights: Mapping[str, torch.Tensor] | CheckpointSource) -> CheckpointSource:
+    """``weights`` with ``shape`` / ``where`` / ``read_slice``: a :class:`CheckpointSource` as is, a dict wrapped."""
+    if isinstance(weights, CheckpointSource):
         return weights
     return StateDictReader(weights)
