@@ -17,6 +17,33 @@ from qrl_megatron.config import ConfigError, describe, load_config, to_yaml
 from qrl_megatron.train_config import RunConfig
 
 EXIT_CONFIG_ERROR = 2
+# The recipes shipped with the code (an editable install runs from the repository, so this is its configs/).
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def recipes(folder: Path = RECIPES_DIR) -> list[tuple[Path, str, str]]:
+    """(recipe, what it is, hardware) for every ``*.yaml`` in ``folder``: the first header comment line and the
+    ``# Hardware:`` line of each recipe's header (empty when it has none)."""
+    rows = []
+    for path in sorted(folder.glob("*.yaml")):
+        header = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            header.append(line.lstrip("# ").strip())
+        hardware = next((h.removeprefix("Hardware:").strip() for h in header if h.startswith("Hardware:")), "")
+        rows.append((path, header[0] if header else "", hardware))
+    return rows
+
+
+def _print_help_config() -> None:
+    for key, default, text in describe():
+        print(f"{key:38s} {default!r:24s} {text}")
+    rows = recipes()
+    if rows:
+        print(f"\nrecipes ({RECIPES_DIR}): qrl-train configs/NAME.yaml [key=value ...]")
+        for path, what, hardware in rows:
+            print(f"  {path.name:30s} {what}" + (f" [{hardware}]" if hardware else ""))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.help_config:
-        for key, default, text in describe():
-            print(f"{key:38s} {default!r:24s} {text}")
+        _print_help_config()
         return 0
     path, overrides = _split_args(args)
     try:
@@ -101,8 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"qrl-train: config error: {err}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
+    if not in_launcher:
+        # once, before any rank starts, so ranks never race to build the tiny model, and a hub id missing from
+        # the HF cache is one line here rather than a traceback per rank
+        try:
+            prepare_base_model(cfg.model, cfg.run.cache_dir)
+        except ConfigError as err:
+            print(f"qrl-train: config error: {err}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     if cfg.learner.world_size > 1 and not in_launcher:
-        prepare_base_model(cfg.model, cfg.run.cache_dir)  # once, before the ranks start, so they never race to build it
         return _launch_workers(cfg.learner.world_size, argv)
     if in_launcher and int(os.environ["WORLD_SIZE"]) != cfg.learner.world_size:
         print(

@@ -236,7 +236,8 @@ def test_cli_print_config_overrides_only(capsys: pytest.CaptureFixture[str]) -> 
 
 def test_cli_help_config_lists_every_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help-config"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    keys_part, _, recipes_part = capsys.readouterr().out.partition("\n\n")  # the key table, then the recipes
+    lines = keys_part.splitlines()
     listed = [line.split()[0] for line in lines]
     expected = _leaf_keys(OmegaConf.to_container(OmegaConf.structured(QRLConfig)))
     assert len(listed) == len(expected)
@@ -244,6 +245,7 @@ def test_cli_help_config_lists_every_key(capsys: pytest.CaptureFixture[str]) -> 
     by_key = {line.split()[0]: line for line in lines}
     assert "tensor-parallel size" in by_key["learner.tp"]
     assert "'bf16'" in by_key["rollout.quant"]
+    assert "tiny_cpu.yaml" in recipes_part  # the recipes follow the keys (every one: tests/test_recipes.py)
 
 
 def test_cli_subprocess_bad_key_is_one_line_exit_2() -> None:
