@@ -58,6 +58,7 @@ class _Split:
         self.indices: list[int] = []
         self.skipped: dict[str, list[int]] = {}
         self.warnings: Counter[str] = Counter()
+        self.warning_example = ""
         self.total = 0
 
     def skip(self, reason: str, index: int) -> None:
@@ -74,10 +75,11 @@ class _Split:
     def summary(self) -> str:
         bad = sum(len(v) for v in self.skipped.values())
         parts = [f"{reason} {len(rows)} (rows {rows[:_EXAMPLES]})" for reason, rows in sorted(self.skipped.items())]
-        parts += [f"warning {reason} {count}" for reason, count in sorted(self.warnings.items())]
-        return f"{self.name}: {len(self.prompts)} of {self.total} rows used" + (
-            f"; skipped {bad}: " + ", ".join(parts) if parts else ""
-        )
+        text = f"{self.name}: {len(self.prompts)} of {self.total} rows used"
+        text += f"; skipped {bad}: " + ", ".join(parts) if parts else ""
+        for reason, count in sorted(self.warnings.items()):
+            text += f"; kept with a warning: {reason} {count}{self.warning_example}"
+        return text
 
 
 def _process(
@@ -106,9 +108,11 @@ def _process(
             split.drop([len(x) <= max_prompt_tokens for x in ids], "prompt_too_long")
             ids = [x for x in ids if len(x) <= max_prompt_tokens]
         # a tokenizer without some characters (the tiny model's) drops them: kept, but counted as a warning
-        lossy = sum(tokenizer.decode(x) != p for x, p in zip(ids, split.prompts))
+        lossy = [(tokenizer.decode(x), p) for x, p in zip(ids, split.prompts) if tokenizer.decode(x) != p]
         if lossy:
-            split.warnings["lossy_tokenization"] = lossy
+            split.warnings["lossy_tokenization"] = len(lossy)
+            seen = lossy[0][0]
+            split.warning_example = f" (the tokenizer lacks some characters; the model sees e.g. {seen[:60]!r})"
 
 
 def _check_answers(splits: list[_Split], workers: int) -> None:

@@ -59,6 +59,6 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     metrics = {"eval_accuracy": float(result["accuracy"])}
     for name, values in result.get("sets", {}).items():
         for key, value in values.items():
-            if key != "num_problems":
+            if key not in ("num_problems", "samples_per_problem"):
                 metrics[f"eval/{name}/{key}"] = float(value)
     return metrics
