@@ -18,13 +18,11 @@ import contextlib
 import json
 import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qrl_megatron.config_fields import ConfigError, check_choice, check_positive, doc
 from qrl_megatron.learner.checkpoint import copy_hf_metadata
 from qrl_megatron.models.registry import ModelSpec
 
@@ -33,7 +31,6 @@ __all__ = [
     "INDEX_FILE",
     "ROLLOUT_FORMATS",
     "TOKENIZER_FILES",
-    "ExportConfig",
     "HFFolderWriter",
     "base_dtype",
     "expected_hf_names",
@@ -42,37 +39,13 @@ __all__ = [
 ]
 
 INDEX_FILE = "model.safetensors.index.json"
-# Any one of these makes a folder's tokenizer loadable by AutoTokenizer / vLLM.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# Any one of these makes a folder's tokenizer loadable (fast tokenizer, sentencepiece, BPE vocab, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
 # Export dtypes by their config.json spelling.
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Quantized rollout formats a folder can be converted to (te_ext.vllm_export).
 ROLLOUT_FORMATS = ("nvfp4", "fp8", "int8")
 DEFAULT_MAX_SHARD_MIB = 2048
-
-
-@dataclass
-class ExportConfig:
-    """How the trained policy is exported (the final folder of a run, and ``qrl-export``)."""
-
-    dtype: str = doc(
-        "base",
-        "dtype of the exported weights: base (the base model's config dtype, else bf16), bfloat16, float16, float32",
-    )
-    max_shard_mib: int = doc(DEFAULT_MAX_SHARD_MIB, "size limit of one safetensors shard file (MiB)")
-    formats: list[str] = doc(
-        text="quantized rollout folders written next to final/ (final-<fmt>/): nvfp4, fp8, int8", factory=list
-    )
-
-    def validate(self, prefix: str = "export") -> None:
-        check_choice(f"{prefix}.dtype", self.dtype, ("base", *DTYPES))
-        check_positive(f"{prefix}.max_shard_mib", self.max_shard_mib)
-        for fmt in self.formats:
-            if fmt not in ROLLOUT_FORMATS:
-                raise ConfigError(f"{prefix}.formats: {fmt!r} is not one of {', '.join(ROLLOUT_FORMATS)}")
-
-    def torch_dtype(self, base_dir: str | Path) -> torch.dtype:
-        return base_dtype(base_dir) if self.dtype == "base" else DTYPES[self.dtype]
 
 
 def base_dtype(model_dir: str | Path) -> torch.dtype:

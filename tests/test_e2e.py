@@ -59,6 +59,12 @@ def test_default_recipe_trains_and_writes_outputs(tmp_path: Path, cache_dir: Pat
     assert evals["before"]["num_problems"] == 200
     assert (run_dir / "checkpoint" / "COMPLETE").is_file()
     assert not (run_dir / "checkpoint.partial").exists()
+    meta = json.loads((run_dir / "checkpoint" / "meta.json").read_text())  # what qrl-export needs
+    assert meta["layout"] == {"tp": 1, "pp": 1, "dp": 1} and (run_dir / "checkpoint" / "hf" / "config.json").is_file()
+    final = run_dir / "final"  # the trained policy as a complete HF folder (tests/test_export.py loads such folders)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "model.safetensors.index.json"):
+        assert (final / name).is_file(), name
+    assert not (run_dir / "final.partial").exists()
     assert any((run_dir / "tb").glob("events.out.tfevents.*"))
 
 

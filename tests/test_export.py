@@ -189,7 +189,10 @@ def test_qrl_export_bad_input_is_one_line(tmp_path: Path, capsys: pytest.Capture
 
 
 @pytest.mark.unit
-def test_tp1_export_matches_megatron_logits(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["tiny", "qwen3", "llama3", "llama3-tied"])
+def test_tp1_export_matches_megatron_logits(
+    family: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """A TP=1 model's export: gather and stream agree, and transformers reproduces Megatron's logits."""
     from _models_dist_workers import pipeline_logits
 
@@ -197,24 +200,30 @@ def test_tp1_export_matches_megatron_logits(tiny_model_dir: Path, tmp_path: Path
     from qrl_megatron.learner.model import build_gpt_model, gather_hf_state_dict, load_hf_state_dict
     from qrl_megatron.platform import destroy_distributed, init_distributed
 
+    model_dir = tiny_model_dir if family == "tiny" else _family_dir(tmp_path_factory, family)
+    out = tmp_path_factory.mktemp(f"tp1-{family}") / "final"
     layout = init_distributed(1, 1, seed=0)
     try:
-        spec = load_spec(tiny_model_dir)
+        spec = load_spec(model_dir)
         model = build_gpt_model(spec, layout, parallel_output=False)
-        weights = perturbed_weights(tiny_model_dir)
+        weights = perturbed_weights(model_dir)
         load_hf_state_dict(model, weights, spec, layout)
         ids, pos = example_batch(spec.vocab_size)
         ours = pipeline_logits(model, ids, pos)
-        export_policy(model, spec, layout, tmp_path / "final", tiny_model_dir, max_shard_bytes=200_000)
+        export_policy(model, spec, layout, out, model_dir, max_shard_bytes=200_000)
         gathered = gather_hf_state_dict(model, spec, layout, dtype=torch.bfloat16)
     finally:
         destroy_distributed()
-    exported = read_folder(tmp_path / "final")
+    exported = read_folder(out)
     assert gathered is not None and set(exported) == set(expected_hf_names(spec))
     assert set(gathered) == set(exported) == set(weights)  # tied: no lm_head in either
     for name, t in exported.items():
         assert t.dtype == torch.bfloat16 and torch.equal(t, gathered[name]) and torch.equal(t.float(), weights[name])
-    torch.testing.assert_close(hf_logits(tmp_path / "final", ids), ours, atol=LOGITS_ATOL, rtol=0)
+    assert (
+        json.loads((out / "config.json").read_text())["architectures"]
+        == json.loads((model_dir / "config.json").read_text())["architectures"]
+    )
+    torch.testing.assert_close(hf_logits(out, ids), ours, atol=LOGITS_ATOL, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------- layout invariance
@@ -226,15 +235,24 @@ def _family_dir(tmp_path_factory: pytest.TempPathFactory, family: str) -> Path:
     return build_family_model(family, tmp_path_factory.mktemp(f"family-{family}") / "model")
 
 
+# qwen2 (tied) through every layout kind; the other families through the one that combines both splits.
+EXPORT_LAYOUTS = {
+    "qwen2": [(1, 1), (2, 1), (2, 2)],
+    "qwen2.5": [(1, 1), (2, 2)],
+    "qwen3": [(1, 1), (2, 2)],
+    "llama3": [(1, 1), (2, 2)],
+}
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("family", ["qwen2", "qwen2.5"])
+@pytest.mark.parametrize("family", list(EXPORT_LAYOUTS))
 def test_export_is_byte_identical_across_layouts(family: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """TP=2 and TP2xPP2 exports of the same weights are the TP=1 export, file for file, byte for byte."""
+    """TP=2 / TP2xPP2 exports of the same weights are the TP=1 export, file for file, byte for byte."""
     model_dir = _family_dir(tmp_path_factory, family)
     out = tmp_path_factory.mktemp(f"export-{family}")
     shard_bytes = 40_000  # several shards, so shard boundaries are compared too
     folders = {}
-    for tp, pp in [(1, 1), (2, 1), (2, 2)]:
+    for tp, pp in EXPORT_LAYOUTS[family]:
         folders[(tp, pp)] = out / f"tp{tp}pp{pp}"
         results = run_distributed(
             export_worker, tp * pp, tp, pp, str(model_dir), str(folders[(tp, pp)]), shard_bytes, timeout=300
@@ -301,3 +319,35 @@ def test_qrl_export_from_tp2pp2_checkpoint_loads_in_transformers_and_vllm(tiny_m
     print(f"max |logit| diff transformers vs learner {gap_hf:.2e}; max logprob gap vLLM vs learner {max(gaps):.4f}")
     assert max(gaps) < VLLM_LOGPROB_ATOL
     assert ids.shape[1] == SEQ_LEN
+
+
+@pytest.mark.unit
+def test_rollout_format_folder_from_an_export(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`qrl-export --format nvfp4`'s second half: te_ext's compressed-tensors folder, written atomically."""
+    from qrl_megatron.hf_export import export_rollout_format
+    from te_ext.vllm_export import dequantized_state_dict
+
+    weights = perturbed_weights(tiny_model_dir)
+    with HFFolderWriter(tmp_path / "bf16", tiny_model_dir, max_shard_bytes=100_000) as w:
+        for name, t in weights.items():
+            w.add(name, t)
+        w.finish(weights)
+    out = export_rollout_format(tmp_path / "bf16", tmp_path / "nvfp4", "nvfp4")
+    assert not (tmp_path / "nvfp4.partial").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "nvfp4-pack-quantized"
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    packed = {k for k in read_folder(out) if k.endswith("weight_packed")} if (out / INDEX_FILE).is_file() else set()
+    if not packed:  # one file, no index
+        from safetensors import safe_open
+
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            packed = {k for k in f.keys() if k.endswith("weight_packed")}  # noqa: SIM118
+    assert "model.layers.0.self_attn.q_proj.weight_packed" in packed
+    # what the engine computes with: the export's weights after NVFP4 quantize -> dequantize
+    deq = dequantized_state_dict(tmp_path / "bf16", "nvfp4")
+    q = deq["model.layers.0.self_attn.q_proj.weight"]
+    ref = weights["model.layers.0.self_attn.q_proj.weight"]
+    assert 0 < (q - ref).abs().max() < 0.5 * ref.abs().max()
+    with pytest.raises(ValueError, match="rollout format must be one of"):
+        export_rollout_format(tmp_path / "bf16", tmp_path / "x", "int4")
