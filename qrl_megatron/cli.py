@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from qrl_megatron.config import ConfigError, describe, load_config, to_yaml
-from qrl_megatron.train_config import RunConfig
+from qrl_megatron.train_config import RunConfig, TrainerConfig
 
 EXIT_CONFIG_ERROR = 2
 # The recipes shipped with the code (an editable install runs from the repository, so this is its configs/).
@@ -66,11 +66,23 @@ def _split_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return args.config, list(args.overrides)
 
 
-def _prepare_run_dir(run: RunConfig) -> None:
-    """Never mix two runs' metrics in one folder and never delete one: archive the old run or refuse."""
+def _prepare_run_dir(run: RunConfig, trainer: TrainerConfig) -> None:
+    """Never mix two runs' metrics in one folder and never delete one: continue it (a resumable checkpoint and
+    ``trainer.resume`` not ``never``), or archive the old run, or refuse."""
+    from qrl_megatron.learner.resume import CheckpointStore
+
     run_dir = Path(run.dir)
+    if trainer.resume not in ("auto", "never") and not Path(trainer.resume).is_dir():
+        raise ConfigError(
+            f"trainer.resume={trainer.resume!r}: no such checkpoint folder; use 'auto', 'never' or a step_<N> path"
+        )
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
+    resuming_here = trainer.resume == "auto" and CheckpointStore(run_dir / "checkpoints").steps()
+    if resuming_here or (
+        trainer.resume != "never" and Path(trainer.resume).resolve().is_relative_to(run_dir.resolve())
+    ):
+        return  # the run continues in its own folder
     if run.on_existing == "error":
         raise ConfigError(
             f"run.dir={run.dir!r} already holds a run; choose another run.dir or set run.on_existing=archive"
@@ -94,9 +106,14 @@ def _launch_workers(world_size: int, argv: list[str]) -> int:
             *argv,
         ]
     )
+    from qrl_megatron.learner.resume import EXIT_PREEMPTED
+
     try:
         run(launcher_args)
     except Exception as err:  # torchrun's ChildFailedError already printed the failing rank's traceback
+        codes = {failure.exitcode for failure in getattr(err, "failures", {}).values()}
+        if codes == {EXIT_PREEMPTED}:  # every rank stopped cleanly at a checkpoint: pass the requeue status on
+            return EXIT_PREEMPTED
         print(f"qrl-train: a learner process failed: {type(err).__name__}", file=sys.stderr)
         return 1
     return 0
@@ -123,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     in_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if os.environ.get("RANK", "0") == "0":
         try:
-            _prepare_run_dir(cfg.run)
+            _prepare_run_dir(cfg.run, cfg.trainer)
         except ConfigError as err:
             print(f"qrl-train: config error: {err}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
@@ -145,9 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_CONFIG_ERROR
 
+    from qrl_megatron.learner.resume import EXIT_PREEMPTED, Preempted
     from qrl_megatron.train import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except Preempted as stop:
+        print(f"qrl-train: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except ConfigError as err:  # found once the data is read: a bad file, too many unusable rows, a plug-in reward
+        print(f"qrl-train: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     return 0
 
 

@@ -21,7 +21,7 @@ from qrl_megatron.bridge.base import make_weight_sync
 from qrl_megatron.config import QRLConfig, to_dict
 from qrl_megatron.data.loader import load_task
 from qrl_megatron.evals.run import flat_metrics
-from qrl_megatron.hf_export import export_policy
+from qrl_megatron.hf_export import export_policy, export_rollout_format
 from qrl_megatron.learner.batch import TokenBatch
 from qrl_megatron.learner.learner import Learner, scheduled_lr
 from qrl_megatron.learner.resume import CheckpointStore, Preempted, PreemptionFlag, RunCheckpointer, plan_resume
@@ -46,6 +46,7 @@ def _broadcast(obj: T | None) -> T:
 
 
 def train(cfg: QRLConfig) -> dict[str, Any] | None:
+    preemption = PreemptionFlag()  # first: a signal that arrives during start-up is honoured at the first step
     layout = init_distributed(cfg.learner.tp, cfg.learner.pp, cfg.learner.dp, seed=cfg.seed)
     torch.set_num_threads(cfg.learner.threads or max(1, (os.cpu_count() or 1) // layout.world_size))
     # the launcher built the base model before the ranks started: a cache hit here
@@ -143,7 +144,6 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     aqn = AdaptiveQuantizationNoise(cfg.algo.aqn, cfg.trainer.max_steps, cfg.seed)
     # the first rollout is in AQN stage 0 (no noise); a resumed run re-applies the noise its last step drew
     aqn_sigma = aqn(driver.engine, start_step) if driver and start_step else 0.0
-    preemption = PreemptionFlag()
 
     rl_start, step = time.perf_counter(), start_step
     for step in range(start_step + 1, cfg.trainer.max_steps + 1):
@@ -213,7 +213,10 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         )
     # the trained policy as a complete HF folder (config, tokenizer, sharded safetensors in the base's dtype),
     # streamed tensor by tensor to rank 0's writer; transformers, vLLM and bench/ablation.py load it
-    export_policy(learner.model, spec, layout, Path(cfg.run.dir) / "final", base_dir)
+    final = export_policy(learner.model, spec, layout, Path(cfg.run.dir) / "final", base_dir)
+    if layout.rank == 0:
+        for fmt in cfg.run.export_formats:  # quantized copies for serving, from the folder just written
+            export_rollout_format(final, Path(cfg.run.dir) / f"final-{fmt}", fmt)
     if driver and logger:
         evals["after"] = driver.evaluate(step)
         evals.update(rl_seconds=rl_seconds, steps=step, policy=str(policy_dir))

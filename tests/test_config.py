@@ -279,9 +279,31 @@ def test_existing_run_dir_is_archived_or_refused(tmp_path, capsys) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    refuse = load_config(None, [f"run.dir={run_dir}", "run.on_existing=error"])
     with pytest.raises(ConfigError, match="run.on_existing"):
-        _prepare_run_dir(load_config(None, [f"run.dir={run_dir}", "run.on_existing=error"]).run)
-    _prepare_run_dir(load_config(None, [f"run.dir={run_dir}"]).run)
+        _prepare_run_dir(refuse.run, refuse.trainer)
+    cfg = load_config(None, [f"run.dir={run_dir}"])
+    _prepare_run_dir(cfg.run, cfg.trainer)
     archived = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
     assert not run_dir.exists() and len(archived) == 1
     assert (archived[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_run_dir_with_a_checkpoint_is_continued_unless_resume_is_never(tmp_path) -> None:
+    from qrl_megatron.cli import _prepare_run_dir
+    from qrl_megatron.config import ConfigError, load_config
+    from qrl_megatron.learner.resume import CheckpointStore
+
+    run_dir = tmp_path / "run"
+    store = CheckpointStore(run_dir / "checkpoints")
+    store.begin(2)
+    store.commit(2)
+    cfg = load_config(None, [f"run.dir={run_dir}"])  # trainer.resume=auto
+    _prepare_run_dir(cfg.run, cfg.trainer)
+    assert run_dir.is_dir(), "auto-resume must continue the run in place, not archive it"
+    missing = load_config(None, [f"run.dir={run_dir}", f"trainer.resume={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match="trainer.resume=.*no such checkpoint folder"):
+        _prepare_run_dir(missing.run, missing.trainer)
+    never = load_config(None, [f"run.dir={run_dir}", "trainer.resume=never"])
+    _prepare_run_dir(never.run, never.trainer)
+    assert not run_dir.exists()

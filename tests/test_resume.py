@@ -100,3 +100,71 @@ def test_rng_state_round_trip_reproduces_every_generator():
     restore_rng_state(state)
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
+
+
+def _sealed_run_state(store: CheckpointStore, step: int, settings: dict) -> None:
+    import json
+
+    folder = store.begin(step)
+    (folder / "run_state.json").write_text(json.dumps({"step": step, "settings": settings}))
+    store.commit(step)
+
+
+SETTINGS = {
+    "model": {"source": "tiny"},
+    "rollout": {"quant": "nvfp4", "temperature": 1.0},
+    "learner": {"tp": 2, "pp": 1, "dp": 1, "precision": "fp32"},
+    "trainer": {"max_steps": 10},
+}
+
+
+def test_resume_allows_harmless_changes_and_says_the_layout_is_resharded(tmp_path, capsys):
+    from qrl_megatron.learner.resume import plan_resume
+
+    store = CheckpointStore(tmp_path)
+    _sealed_run_state(store, 4, SETTINGS)
+    now = {**SETTINGS, "learner": {**SETTINGS["learner"], "tp": 1}, "trainer": {"max_steps": 20}}
+    path, error = plan_resume("auto", store, now)
+    assert error is None and path == str(store.path(4))
+    out = capsys.readouterr().out
+    assert "TPxPPxDP 2x1x1 -> 1x1x1" in out and "trainer.max_steps" in out
+
+
+@pytest.mark.parametrize(
+    ("key", "change"),
+    [("model", {"model": {"source": "/other/model"}}), ("rollout.quant", {"rollout": {"quant": "bf16"}})],
+)
+def test_resume_with_settings_that_change_the_checkpoints_meaning_is_an_error_naming_them(tmp_path, key, change):
+    from qrl_megatron.learner.resume import plan_resume
+
+    store = CheckpointStore(tmp_path)
+    _sealed_run_state(store, 4, SETTINGS)
+    path, error = plan_resume("auto", store, {**SETTINGS, **change})
+    assert path is None and f"{key}:" in error and "cannot resume" in error
+
+
+def test_resume_never_and_bad_explicit_paths(tmp_path):
+    from qrl_megatron.learner.resume import plan_resume
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    _sealed_run_state(store, 2, SETTINGS)
+    assert plan_resume("never", store, SETTINGS) == (None, None)
+    assert "no such checkpoint folder" in plan_resume(str(tmp_path / "missing"), store, SETTINGS)[1]
+    broken = store.begin(3)  # never sealed
+    assert "not a good checkpoint" in plan_resume(str(broken), store, SETTINGS)[1]
+
+
+def test_metrics_logger_resumes_after_the_checkpoint_step_without_duplicates(tmp_path):
+    import json
+
+    from qrl_megatron.metrics.logger import MetricsLogger, read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo'
+    )  # steps 3 and a cut-short 4 were logged after the step-2 checkpoint
+    logger = MetricsLogger(tmp_path, tensorboard=False, progress=False, resume_step=2)
+    logger.log(3, {"loss": 0.33})
+    logger.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 0.1), (2, 0.2), (3, 0.33)]
+    with pytest.raises(ValueError, match="expected 5"):
+        MetricsLogger(tmp_path, tensorboard=False, progress=False, resume_step=5)

@@ -122,7 +122,8 @@ def load_checkpoint(model: Any, optimizer: Any, directory: str | Path) -> dict[s
     path = Path(directory)
     _require_complete(path)
     state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path))
-    model.load_state_dict(state["model"])
+    # DDP's sharded keys carry its "module." prefix, but its load_state_dict hands the dict to the wrapped module
+    model.load_state_dict({key.removeprefix(WRAPPER_PREFIX): value for key, value in state["model"].items()})
     with torch.no_grad():  # megatron-core on CPU/gloo: the fp32 optimizer state loads only under no_grad
         optimizer.load_state_dict(state["optimizer"])
     return json.loads((path / MARKER).read_text() or "{}")

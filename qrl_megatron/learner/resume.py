@@ -31,8 +31,16 @@ import numpy as np
 import torch
 
 __all__ = [
+    "EXIT_PREEMPTED",
+    "INCOMPATIBLE_KEYS",
     "MANIFEST",
     "CheckpointStore",
+    "Preempted",
+    "PreemptionFlag",
+    "RunCheckpointer",
+    "config_changes",
+    "plan_resume",
+    "resolve_resume",
     "capture_rng_state",
     "restore_rng_state",
     "verify_checkpoint",
@@ -175,3 +183,168 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+RUN_STATE = "run_state.json"
+LEARNER_DIR = "learner"
+# Settings that change what a checkpoint's weights and optimizer state mean: resuming with another value is an
+# error. Everything else (max_steps, eval cadence, the TP/PP/DP layout, ...) may change and is logged.
+INCOMPATIBLE_KEYS = (
+    "model",
+    "task",
+    "seed",
+    "rollout.quant",
+    "learner.precision",
+    "learner.lora",
+    "learner.base_format",
+    "algo.invariant_scaling",
+)
+
+
+def _lookup(settings: dict[str, Any], dotted: str) -> Any:
+    node: Any = settings
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(incompatible keys that differ, other keys that differ) between a checkpoint's settings and this run's."""
+    incompatible = [key for key in INCOMPATIBLE_KEYS if _lookup(saved, key) != _lookup(current, key)]
+    flat_saved, flat_current = _flatten(saved), _flatten(current)
+    harmless = sorted(
+        key
+        for key in set(flat_saved) | set(flat_current)
+        if flat_saved.get(key) != flat_current.get(key) and not any(key.startswith(k) for k in incompatible)
+    )
+    return incompatible, harmless
+
+
+def resolve_resume(resume: str, store: CheckpointStore) -> Path | None:
+    """The checkpoint ``trainer.resume`` names: None to start afresh; one-line errors for a bad explicit path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return store.latest_good()
+    path = Path(resume)
+    if not path.is_dir():
+        raise ValueError(
+            f"trainer.resume={resume!r}: no such checkpoint folder; use 'auto', 'never' or a step_<N> path"
+        )
+    if (reason := verify_checkpoint(path)) is not None:
+        raise ValueError(f"trainer.resume={resume!r} is not a good checkpoint: {reason}")
+    return path
+
+
+class RunCheckpointer:
+    """Saves and restores a whole run at a step boundary; collective over the learner world.
+
+    A checkpoint holds the learner (``learner/``: Megatron dist checkpoint of weights, optimizer, what the model
+    is), one RNG file per rank (``rng/rank<r>.pt``) and rank 0's ``run_state.json`` (the step, the prompt
+    stream's position, counters, the settings), sealed by :meth:`CheckpointStore.commit`.
+    """
+
+    def __init__(self, store: CheckpointStore, rank: int) -> None:
+        self.store, self.rank = store, rank
+
+    def save(self, step: int, learner: Any, run_state: dict[str, Any] | None, **learner_kwargs: Any) -> Path:
+        import torch.distributed as dist
+
+        partial = self.store.partial(step)
+        if self.rank == 0:
+            self.store.begin(step)
+        dist.barrier()
+        learner.save_checkpoint(str(partial / LEARNER_DIR), step=step, **learner_kwargs)
+        (partial / "rng").mkdir(exist_ok=True)
+        torch.save(capture_rng_state(), partial / "rng" / f"rank{self.rank:05d}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            (partial / RUN_STATE).write_text(json.dumps({"step": step, **(run_state or {})}, indent=1))
+            self.store.commit(step)
+        dist.barrier()
+        return self.store.path(step)
+
+    def load(self, path: Path, learner: Any) -> dict[str, Any]:
+        """Restore the learner and this rank's RNGs from ``path``; returns the run state (every rank)."""
+        learner.load_checkpoint(str(path / LEARNER_DIR))
+        rng_file = path / "rng" / f"rank{self.rank:05d}.pt"
+        if rng_file.is_file():
+            restore_rng_state(torch.load(rng_file, weights_only=False))
+        else:  # another world size: the new ranks start their generators from the seed
+            logger.warning("%s has no RNG state for rank %d (the layout changed); seeded afresh", path, self.rank)
+        return json.loads((path / RUN_STATE).read_text())
+
+
+def plan_resume(resume: str, store: CheckpointStore, settings: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Rank 0's decision: (checkpoint to resume from or None, the one-line error that stops the run or None).
+
+    Returned rather than raised so the caller can hand the verdict to every rank before anyone raises.
+    """
+    try:
+        path = resolve_resume(resume, store)
+    except ValueError as err:
+        return None, str(err)
+    if path is None:
+        return None, None
+    saved = json.loads((path / RUN_STATE).read_text()).get("settings", {})
+    incompatible, harmless = config_changes(saved, settings)
+    if incompatible:
+        changed = ", ".join(f"{k}: {_lookup(saved, k)!r} -> {_lookup(settings, k)!r}" for k in incompatible)
+        return None, (
+            f"cannot resume {path}: it was written with other settings that change what it holds ({changed}); "
+            "restore them, or start afresh in another run.dir (or trainer.resume=never)"
+        )
+    step = json.loads((path / RUN_STATE).read_text())["step"]
+    print(f"resuming from {path} (step {step})", flush=True)
+    layout = [k for k in ("learner.tp", "learner.pp", "learner.dp") if k in harmless]
+    if layout:
+        old = "x".join(str(_lookup(saved, k)) for k in ("learner.tp", "learner.pp", "learner.dp"))
+        new = "x".join(str(_lookup(settings, k)) for k in ("learner.tp", "learner.pp", "learner.dp"))
+        print(f"  the learner layout changed (TPxPPxDP {old} -> {new}): the dist checkpoint is resharded", flush=True)
+    if other := [k for k in harmless if k not in layout and not k.startswith("run.")]:
+        print(f"  settings changed since the checkpoint (allowed): {', '.join(other)}", flush=True)
+    return str(path), None
+
+
+# Exit status of a run stopped by a preemption signal after writing its checkpoint (EX_TEMPFAIL): the sbatch
+# scripts requeue the job on it, and the requeued job resumes (trainer.resume=auto).
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+    """Raised at the step boundary after the preemption checkpoint was written."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"preempted: checkpoint written at step {step}; rerun the same command to resume")
+        self.step = step
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1 (Slurm's ``--signal=USR1@<s>``, scancel, a torchrun shutdown); read between steps.
+
+    The handler only records the request: a checkpoint written from inside a signal handler could interrupt a
+    collective or a save halfway.
+    """
+
+    def __init__(self) -> None:
+        import signal
+
+        self.requested = False
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -28,11 +29,36 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 class MetricsLogger:
     def __init__(
-        self, run_dir: str | Path, tensorboard: bool = True, progress: bool = True, total_steps: int = 0
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = True,
+        progress: bool = True,
+        total_steps: int = 0,
+        resume_step: int = 0,
     ) -> None:
+        """``resume_step > 0``: continue a run resumed from that step's checkpoint -- the rows it had logged after
+        that step (the steps a crash lost) are dropped from ``metrics.jsonl`` and TensorBoard, so the resumed run
+        logs each step exactly once."""
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl: TextIO = (self.dir / "metrics.jsonl").open("w")
+        path = self.dir / "metrics.jsonl"
+        if resume_step > 0:
+            lines = path.read_text().splitlines() if path.is_file() else []
+            # a kill mid-write can leave the last line cut short; it is past the checkpoint, so it is dropped
+            rows = [json.loads(line) for line in lines[:-1] if line.strip()]
+            if lines and lines[-1].strip():
+                with contextlib.suppress(json.JSONDecodeError):
+                    rows.append(json.loads(lines[-1]))
+            kept = [row for row in rows if row["step"] <= resume_step]
+            if len(kept) != resume_step:
+                raise ValueError(
+                    f"{path} holds {len(kept)} rows up to step {resume_step}, expected {resume_step}: it is not the "
+                    "log of the run being resumed; resume in the run's own run.dir"
+                )
+            partial = path.with_suffix(".jsonl.partial")
+            partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            partial.replace(path)
+        self.jsonl: TextIO = path.open("a" if resume_step > 0 else "w")
         self.total = total_steps
         self.progress = progress
         self.started = time.perf_counter()
@@ -40,7 +66,8 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.dir / "tb"))
+            # purge_step: TensorBoard hides events at or after it that an earlier (crashed) writer left behind
+            self.writer = SummaryWriter(str(self.dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}

@@ -54,7 +54,7 @@ class RolloutDriver:
         self.sampler = PromptSampler(list(task["train"]["prompt"]), list(task["train"]["answer"]), seed)
         self.eval_sets = {
             name: (list(ds["prompt"]), list(ds["answer"])) for name, ds in eval_sets(task).items()
-        }  # the first is the main set
+        }  # the main 'eval' first
 
     def rollout(self, step: int) -> RolloutResult:
         return rollout(self.engine, self.sampler, self.cfg, self.algo, step, self.seq_length, self.pad_id, self.scorer)
