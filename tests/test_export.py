@@ -351,3 +351,13 @@ def test_rollout_format_folder_from_an_export(tiny_model_dir: Path, tmp_path: Pa
     assert 0 < (q - ref).abs().max() < 0.5 * ref.abs().max()
     with pytest.raises(ValueError, match="rollout format must be one of"):
         export_rollout_format(tmp_path / "bf16", tmp_path / "x", "int4")
+
+
+@pytest.mark.unit
+def test_run_export_formats_config() -> None:
+    from qrl_megatron.config import ConfigError, load_config
+
+    assert load_config(None, []).run.export_formats == []
+    assert load_config(None, ["run.export_formats=[nvfp4,fp8]"]).run.export_formats == ["nvfp4", "fp8"]
+    with pytest.raises(ConfigError, match=r"run.export_formats='int4' is not allowed.*did you mean 'int8'"):
+        load_config(None, ["run.export_formats=[int4]"])
