@@ -142,9 +142,9 @@ def _rope(cfg: Any) -> tuple[float, Llama3RopeScaling | None]:
     if rope_type == "default":
         return float(theta), None
     if rope_type != "llama3":
+        key = "rope_type" if "rope_type" in merged else "type"
         raise ValueError(
-            f"config.json {field}.rope_type {rope_type!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"config.json {field}.{key} {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     missing = [k for k in keys if merged.get(k) is None]
