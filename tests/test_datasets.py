@@ -89,6 +89,7 @@ def test_deepscaler_and_aime(tmp_path: Path) -> None:
     cfg = TaskConfig(
         name="deepscaler",
         data_files=str(deep),
+        num_eval=1,
         eval_sets=[
             EvalSetConfig(name="aime24", schema="aime", data_files=str(aime)),
             EvalSetConfig(name="deep_head", data_files=str(deep), limit=2),
@@ -96,9 +97,9 @@ def test_deepscaler_and_aime(tmp_path: Path) -> None:
     )
     task = load_task(cfg, seed=0)
     sets = eval_sets(task)
-    assert list(sets) == ["aime24", "deep_head"]
+    assert list(sets) == ["eval", "aime24", "deep_head"]  # the main set (last task.num_eval rows), then the extras
     assert list(sets["aime24"]["answer"]) == ["204", "33"]  # integer and float answers become "204", "33"
-    assert len(sets["deep_head"]) == 2 and task["eval"]["answer"] == sets["aime24"]["answer"]
+    assert len(sets["deep_head"]) == 2 and list(task["eval"]["answer"]) == ["3"] and len(task["train"]) == 3
 
 
 def test_files_with_nested_keys_and_glob(tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ class TaskConfig:
     eval_split: str = doc("test", "split of task.dataset to evaluate on ('' : the last task.num_eval training rows)")
     limit_train: int = doc(0, "use at most this many training rows (0: all)")
     eval_sets: list[EvalSetConfig] = doc(
-        text="extra held-out sets, each reported under its own name (the first is also the main 'eval')",
+        text="extra held-out sets besides the main 'eval' one, each reported under its own name",
         factory=list,
     )
     prompt_key: str = doc("prompt", "files: column of the question (dotted for nested, e.g. extra.question)")
@@ -90,8 +90,8 @@ class TaskConfig:
             key = f"{prefix}.eval_sets[{i}]"
             if not eval_set.name or not eval_set.name.replace("_", "").replace("-", "").isalnum():
                 raise ConfigError(f"{key}.name={eval_set.name!r} must be a non-empty word (letters, digits, _ or -)")
-            if eval_set.name in names:
-                raise ConfigError(f"{key}.name={eval_set.name!r} is used twice")
+            if eval_set.name in names or eval_set.name == "eval":
+                raise ConfigError(f"{key}.name={eval_set.name!r} is used twice (or is 'eval', the main set's)")
             names.add(eval_set.name)
             if eval_set.schema:
                 check_choice(f"{key}.schema", eval_set.schema, SCHEMAS)

@@ -33,9 +33,8 @@ class TaskData(DatasetDict):
 
 
 def eval_sets(task: DatasetDict) -> dict[str, Dataset]:
-    """The held-out sets by name: the `eval/<name>` splits, or {'eval': ...} when there are none."""
-    named = {key.split("/", 1)[1]: ds for key, ds in task.items() if key.startswith("eval/")}
-    return named or {"eval": task["eval"]}
+    """The held-out sets by name: the main 'eval' first, then each `task.eval_sets` entry."""
+    return {"eval": task["eval"], **{key.split("/", 1)[1]: ds for key, ds in task.items() if key.startswith("eval/")}}
 
 
 def _check_columns(raw: Dataset, schema: str, cfg: TaskConfig, source: str) -> None:
@@ -164,23 +163,20 @@ def load_task(
             raw = read_dataset(es.dataset, es.dataset_config, es.split, f"task.eval_sets[{es.name}].dataset")
         _check_columns(raw, es.schema or schema, cfg, es.data_files or es.dataset)
         evals.append((es.name, es.schema or schema, _limit(raw, es.limit), 0))
-    if not sets:
-        if cfg.eval_files:
-            raw = read_files(cfg.eval_files, "task.eval_files")
-            _check_columns(raw, schema, cfg, cfg.eval_files)
-            evals.append(("eval", schema, raw, 0))
-        elif cfg.dataset and cfg.eval_split:
-            evals.append(
-                ("eval", schema, read_dataset(cfg.dataset, cfg.dataset_config, cfg.eval_split, "task.dataset"), 0)
-            )
-        else:  # held out: the last task.num_eval rows
-            if len(raw_train) <= cfg.num_eval:
-                raise ConfigError(
-                    f"task.data_files has {len(raw_train)} rows, not more than task.num_eval={cfg.num_eval}"
-                )
-            cut = len(raw_train) - cfg.num_eval
-            evals.append(("eval", schema, raw_train.select(range(cut, len(raw_train))), cut))
-            raw_train = raw_train.select(range(cut))
+    # the main held-out set first: task.eval_files, the dataset's eval split, or the last task.num_eval rows
+    if cfg.eval_files:
+        raw = read_files(cfg.eval_files, "task.eval_files")
+        _check_columns(raw, schema, cfg, cfg.eval_files)
+        evals.insert(0, ("eval", schema, raw, 0))
+    elif cfg.dataset and cfg.eval_split:
+        raw = read_dataset(cfg.dataset, cfg.dataset_config, cfg.eval_split, "task.dataset")
+        evals.insert(0, ("eval", schema, raw, 0))
+    else:
+        if len(raw_train) <= cfg.num_eval:
+            raise ConfigError(f"task.data_files has {len(raw_train)} rows, not more than task.num_eval={cfg.num_eval}")
+        cut = len(raw_train) - cfg.num_eval
+        evals.insert(0, ("eval", schema, raw_train.select(range(cut, len(raw_train))), cut))
+        raw_train = raw_train.select(range(cut))
 
     splits = [_Split("train")]
     _process(splits[0], _limit(raw_train, cfg.limit_train), schema, cfg, tokenizer, budget)
@@ -207,9 +203,8 @@ def load_task(
         return Dataset.from_dict({"prompt": s.prompts, "answer": s.answers}, features=_FEATURES)
 
     task = TaskData(train=as_dataset(splits[0]), eval=as_dataset(splits[1]))
-    if sets:
-        for s in splits[1:]:
-            task[f"eval/{s.name}"] = as_dataset(s)
+    for s in splits[2:]:
+        task[f"eval/{s.name}"] = as_dataset(s)
     task.report = {
         s.name: {"rows": s.total, "used": len(s.prompts), **{f"skipped_{k}": len(v) for k, v in s.skipped.items()},
                  **{f"warning_{k}": v for k, v in s.warnings.items()}}

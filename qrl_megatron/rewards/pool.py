@@ -24,13 +24,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from qrl_megatron.config_fields import ConfigError
+
 __all__ = ["PoolResult", "RewardError", "RewardPool", "resolve_function"]
 
 START_TIMEOUT_S = 60.0  # a worker's import (math-verify pulls sympy and antlr4: about a second, more on a busy host)
 
 
-class RewardError(RuntimeError):
-    """The reward function is missing, failed to import, raised, or returned something that is not a number."""
+class RewardError(ConfigError):
+    """The reward function is missing, failed to import, raised, or returned something that is not a number (a
+    ConfigError: `reward.fn` names a function that cannot serve, and the commands print it as one line)."""
 
 
 def resolve_function(path: str) -> Callable[[str, str], float]:
