@@ -138,7 +138,7 @@ def test_bad_rows_are_counted_by_reason(tmp_path: Path, capsys: pytest.CaptureFi
     rows[12]["question"] = "x" * 500  # longer than the budget
     data = _jsonl(tmp_path / "gsm.jsonl", rows)
     cfg = TaskConfig(name="gsm8k", data_files=str(data), eval_files=str(data), max_bad_fraction=0.5)
-    task = load_task(cfg, seed=0, tokenizer=_CharTokenizer(), max_prompt_tokens=100, check_answers=True, workers=1)
+    task = load_task(cfg, seed=0, tokenizer=_tiny_tokenizer(), max_prompt_tokens=100, check_answers=True, workers=1)
     report = task.report["train"]
     assert report["rows"] == 16 and report["used"] == 11
     for reason in ("unparseable_answer", "missing_answer", "missing_prompt", "prompt_too_long"):
@@ -175,39 +175,29 @@ def test_task_config_checks() -> None:
 
 
 # --------------------------------------------------------------------------------------------- prompts
-class _CharTokenizer:
-    """One token per character, no chat template (a base model)."""
+def _tiny_tokenizer(chat_template: str | None = None):  # noqa: ANN202
+    """The tiny model's real character tokenizer (transformers), optionally given a chat template."""
+    from qrl_megatron.models.tiny import build_tokenizer
 
-    chat_template = None
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [ord(c) for c in text]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(map(chr, ids))
+    tokenizer = build_tokenizer(model_max_length=512)
+    tokenizer.chat_template = chat_template
+    return tokenizer
 
 
-class _ChatTokenizer(_CharTokenizer):
-    chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>"
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):  # noqa: ANN001, ANN201
-        from jinja2 import Template
-
-        assert tokenize is False and add_generation_prompt is True
-        return Template(self.chat_template).render(messages=messages)
+CHAT = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 
 
 def test_prompt_templates_and_presets() -> None:
     raw = PromptConfig(preset="boxed")
-    assert render_prompt(raw, _CharTokenizer(), "What is 2+2?") == "What is 2+2?\n" + PRESET_TEXT["boxed"][1]
+    assert render_prompt(raw, _tiny_tokenizer(), "What is 2+2?") == "What is 2+2?\n" + PRESET_TEXT["boxed"][1]
     assert render_prompt(PromptConfig(), None, "37+58=") == "37+58="  # nothing added to a bare prompt
-    chat = render_prompt(PromptConfig(preset="qerl"), _ChatTokenizer(), "What is 2+2?")
+    chat = render_prompt(PromptConfig(preset="qerl"), _tiny_tokenizer(CHAT), "What is 2+2?")
     assert chat.startswith("<|system|>A conversation between User and Assistant") and chat.endswith("<|assistant|>")
     assert "<|user|>What is 2+2?\n" in chat
-    dapo = render_prompt(PromptConfig(preset="dapo", system="Be brief."), _ChatTokenizer(), "Find x.")
+    dapo = render_prompt(PromptConfig(preset="dapo", system="Be brief."), _tiny_tokenizer(CHAT), "Find x.")
     assert dapo.startswith("<|system|>Be brief.") and "Answer: $Answer" in dapo
     with pytest.raises(ConfigError, match="task.prompt.template=raw"):
-        render_prompt(PromptConfig(template="chat"), _CharTokenizer(), "q")
+        render_prompt(PromptConfig(template="chat"), _tiny_tokenizer(), "q")
 
 
 def test_last_boxed_matches_braces() -> None:

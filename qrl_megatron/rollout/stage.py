@@ -185,6 +185,8 @@ def rollout(
     for key in ("reward_format_mean", "reward_correct_mean"):
         if key in reward_metrics:
             metrics[key] = reward_metrics[key] / attempts
+    if "reward_correct_mean" in metrics:  # with a format reward, reward > 0 no longer means a correct answer
+        metrics["accuracy"] = metrics["reward_correct_mean"]
     return RolloutResult(batch=batch, metrics=metrics)
 
 
