@@ -15,7 +15,8 @@ TARGETS = [["qkv"], ["qkv", "gate_up"]]
 
 @pytest.fixture(scope="module")
 def weights(tiny_model_dir):
-    return load_hf_weights(tiny_model_dir)
+    # a state dict in memory: the tests check which tensors pass through unchanged (the reader is lazy)
+    return dict(load_hf_weights(tiny_model_dir))
 
 
 def _hf_logits(model_dir, hf_state_dict: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
