@@ -59,6 +59,7 @@ def hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.unit
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_writer_shards_index_dtype_and_metadata(tiny_model_dir: Path, tmp_path: Path, dtype: torch.dtype) -> None:
+    from safetensors import safe_open
     from transformers import AutoTokenizer
 
     weights = perturbed_weights(tiny_model_dir)
@@ -78,7 +79,7 @@ def test_writer_shards_index_dtype_and_metadata(tiny_model_dir: Path, tmp_path: 
     ]
     got = read_folder(out)
     for s in shards:  # a shard passes the limit only when it holds one tensor that alone does
-        with __import__("safetensors").safe_open(str(s), framework="pt") as f:
+        with safe_open(str(s), framework="pt") as f:
             sizes = [f.get_slice(k).get_shape() for k in f.keys()]  # noqa: SIM118
         if len(sizes) > 1:
             assert s.stat().st_size <= limit + 10_000  # + the safetensors header
