@@ -54,7 +54,7 @@ def test_gsm8k_file_trains_and_evaluates(tmp_path: Path) -> None:
         timeout=600,
     )  # fmt: skip
     # the start-up lines: the accounting (with the skipped row named) and the rendered first prompt
-    assert "train: 23 of 24 rows used; skipped 1: unparseable_answer 1 (rows [5])" in result.stdout
+    assert "train: 23 of 24 rows used; skipped 1: unparseable_answer 1 (rows [5]; first: {'question'" in result.stdout
     assert "lossy_tokenization" in result.stdout
     assert "first prompt (train):\nTom has 0 apples" in result.stdout and "\\boxed{}" in result.stdout
 

@@ -56,24 +56,32 @@ class _Split:
         self.answers: list[str] = []
         self.indices: list[int] = []
         self.skipped: dict[str, list[int]] = {}
+        self.examples: dict[str, str] = {}  # reason -> the first skipped row, shortened
         self.warnings: Counter[str] = Counter()
         self.warning_example = ""
         self.total = 0
 
-    def skip(self, reason: str, index: int) -> None:
+    def skip(self, reason: str, index: int, example: str = "") -> None:
         self.skipped.setdefault(reason, []).append(index)
+        if example and reason not in self.examples:
+            self.examples[reason] = example
 
     def drop(self, keep: list[bool], reason: str) -> None:
-        for ok, index in zip(keep, self.indices):
+        for ok, index, prompt, answer in zip(keep, self.indices, self.prompts, self.answers):
             if not ok:
-                self.skip(reason, index)
+                self.skip(reason, index, f"prompt {prompt[:40]!r}..., answer {answer[:30]!r}")
         self.prompts = [p for p, ok in zip(self.prompts, keep) if ok]
         self.answers = [a for a, ok in zip(self.answers, keep) if ok]
         self.indices = [i for i, ok in zip(self.indices, keep) if ok]
 
     def summary(self) -> str:
         bad = sum(len(v) for v in self.skipped.values())
-        parts = [f"{reason} {len(rows)} (rows {rows[:_EXAMPLES]})" for reason, rows in sorted(self.skipped.items())]
+        parts = [
+            f"{reason} {len(rows)} (rows {rows[:_EXAMPLES]}"
+            + (f"; first: {self.examples[reason]}" if reason in self.examples else "")
+            + ")"
+            for reason, rows in sorted(self.skipped.items())
+        ]
         text = f"{self.name}: {len(self.prompts)} of {self.total} rows used"
         text += f"; skipped {bad}: " + ", ".join(parts) if parts else ""
         for reason, count in sorted(self.warnings.items()):
@@ -94,7 +102,7 @@ def _process(
         split.total += 1
         item = extract_row(schema, row, cfg.prompt_key, cfg.answer_key)  # type: ignore[arg-type]
         if not isinstance(item, Example):
-            split.skip(item.reason, offset + i)
+            split.skip(item.reason, offset + i, str({k: str(v)[:30] for k, v in row.items()})[:120])  # type: ignore[union-attr]
             continue
         split.prompts.append(render_prompt(cfg.prompt, tokenizer, item.question, item.messages))
         split.answers.append(item.answer)
