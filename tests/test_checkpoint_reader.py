@@ -366,3 +366,26 @@ def test_sliced_load_matches_full_load(family, tp, pp, family_dirs):
     results = run_distributed(sliced_vs_full_worker, tp * pp, tp, pp, str(model_dir), timeout=600)
     assert all(r["compared"] > 0 for r in results)
     assert [r["differ"] for r in results] == [[]] * (tp * pp)
+
+
+@pytest.mark.unit
+def test_warmstart_key_digests_every_shard(tmp_path, family_dirs):
+    """The warm-start cache key follows the base's weights' bytes, not its path: of the single file, or of the index
+    and every shard it names (a sharded base used to key on its path only)."""
+    from qrl_megatron.learner.config import WarmStartConfig
+    from qrl_megatron.learner.warmstart import warmstart_key
+
+    def key(base: Path) -> str:
+        return warmstart_key(WarmStartConfig(), "fp32", 0, base, {"model": {}, "task": {}})
+
+    sharded = _copy(family_dirs[("qwen2", torch.bfloat16)], tmp_path / "sharded")
+    assert key(sharded) == key(_copy(sharded, tmp_path / "sharded-copy"))
+    before = key(sharded)
+    _rewrite_tensor(sharded, "model.norm.weight", torch.ones(64, dtype=torch.bfloat16))
+    assert key(sharded) != before
+
+    single = tmp_path / "single"
+    write_policy(single, sharded, _full(sharded), {})
+    assert key(single) == key(_copy(single, tmp_path / "single-copy")) != key(sharded)
+    write_policy(single, sharded, {k: v * 2 for k, v in _full(sharded).items()}, {})
+    assert key(single) != key(tmp_path / "single-copy")
