@@ -99,7 +99,7 @@ def example_ids(vocab_size: int) -> torch.Tensor:
 EXPECTED = {  # family -> (arch, tied, qkv_bias, qk_norm, head_dim, rope_theta, rope_scaling)
     "qwen2": ("qwen2", True, True, False, None, 1e6, None),
     "qwen2.5": ("qwen2", False, True, False, None, 1e6, None),
-    "qwen3": ("qwen3", False, False, True, 32, 1e6, None),
+    "qwen3": ("qwen3", False, False, True, 64, 1e6, None),
     "llama3": ("llama", False, False, False, None, 5e5, LLAMA3_SMALL),
     "llama3-tied": ("llama", True, False, False, None, 5e5, LLAMA3_SMALL),
 }
@@ -121,7 +121,7 @@ def test_spec_of_each_family(family, family_dirs):
     spec = load_spec(family_dirs[family])
     assert (spec.arch, spec.tie_word_embeddings, spec.qkv_bias, spec.qk_norm) == (arch, tied, qkv_bias, qk_norm)
     assert (spec.head_dim, spec.rope_theta, spec.rope_scaling) == (head_dim, theta, scaling)
-    assert spec.kv_channels == (32 if family == "qwen3" else 16)  # qwen3: explicit head_dim, not hidden/heads
+    assert spec.kv_channels == (64 if family == "qwen3" else 32)  # qwen3: explicit head_dim, not hidden/heads
     saved = json.loads((family_dirs[family] / "config.json").read_text())
     assert "rope_parameters" in saved  # what transformers 5 writes
     # the published form, with the older "type" key too, and the transformers config object: the same spec
@@ -238,7 +238,7 @@ def test_qwen3_norms_map_and_are_replicated(family_dirs):
         for hf_leaf, mg_leaf in (("q_norm", "q_layernorm"), ("k_norm", "k_layernorm")):
             name = f"decoder.layers.{i}.self_attention.{mg_leaf}.weight"
             assert torch.equal(mg[name], hf[f"model.layers.{i}.self_attn.{hf_leaf}.weight"])
-            assert tp_split_kind(name) == "replicated" and megatron_param_shapes(spec)[name] == (32,)
+            assert tp_split_kind(name) == "replicated" and megatron_param_shapes(spec)[name] == (64,)
     back = megatron_to_hf(mg, spec)
     assert set(back) == set(hf)
     assert all(torch.equal(back[k], hf[k]) for k in hf)
@@ -285,7 +285,7 @@ def test_megatron_tp1_matches_transformers(family, family_dirs, tp1_logits):
     hf_model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         ref = hf_model(ids).logits
-    ours, scheduled = tp1_logits[family]
+    ours, scheduled, _ = tp1_logits[family]
     assert ours.shape == ref.shape == (BATCH, SEQ, 64)
     diff = (ours - ref).abs().max().item()
     print(f"\n[{family}] fp32 Megatron TP1 vs transformers: max |logit diff| {diff:.2e}")
@@ -329,7 +329,7 @@ def test_layouts_match_tp1(tp, pp, family_dirs, tp1_logits):
                 assert got[fmt][name][:2] == (dtype, shape) and torch.equal(got[fmt][name][2], raw), (fmt, name)
         norms = [n for n in reference["nvfp4"] if n.endswith(("q_norm.weight", "k_norm.weight"))]
         assert len(norms) == (8 if family == "qwen3" else 0)
-        assert all(reference["nvfp4"][n][:2] == ("torch.bfloat16", (32,)) for n in norms)
+        assert all(reference["nvfp4"][n][:2] == ("torch.bfloat16", (64,)) for n in norms)
 
 
 # ------------------------------------------------------------------------------------------------ bridge -> vLLM

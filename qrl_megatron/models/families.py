@@ -3,9 +3,10 @@
 Each family keeps what makes the published models of that family different from each other: Qwen2 (q/k/v bias,
 tied embeddings, like Qwen2.5-0.5B/1.5B), Qwen2.5 (untied, like 7B-72B), Qwen3 (q/k RMSNorm per head, an explicit
 ``head_dim`` that is not hidden/heads, no bias), Llama 3.1 (the ``llama3`` RoPE scaling, untied, like 8B/70B) and
-Llama 3.2 (the same, tied, like 1B/3B). Shapes are shrunk (hidden 64, 4 layers, so TP=2 and PP=2 both divide)
-and the folder is written as hubs publish it: sharded safetensors with ``model.safetensors.index.json``,
-``config.json``, ``generation_config.json`` and a tokenizer (the tiny model's character tokenizer).
+Llama 3.2 (the same, tied, like 1B/3B). Shapes are shrunk (hidden 128, 4 layers, 4 query / 2 KV heads, so TP=2 and
+PP=2 both divide; head_dim 32, the smallest vLLM's CPU attention runs -- it rejects 16) and the folder is written
+as hubs publish it: sharded safetensors with ``model.safetensors.index.json``, ``config.json``,
+``generation_config.json`` and a tokenizer (the tiny model's character tokenizer).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ __all__ = ["FAMILIES", "build_family_model", "family_hf_config"]
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=64,
-    hidden_size=64,
-    intermediate_size=128,
+    hidden_size=128,
+    intermediate_size=256,
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
@@ -70,7 +71,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "Qwen3ForCausalLM",
         "Qwen3Config",
         dict(
-            head_dim=32,  # hidden/heads = 16: the explicit head_dim must win
+            head_dim=64,  # hidden/heads = 32: the explicit head_dim must win
             tie_word_embeddings=False,
             attention_bias=False,
             use_sliding_window=False,
