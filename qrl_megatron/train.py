@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from qrl_megatron.platform import destroy_distributed, init_distributed
 from qrl_megatron.rewards import MATH_VERIFIER
 from qrl_megatron.rewards.scorer import RewardScorer, verifier_name
 from qrl_megatron.rollout.aqn import AdaptiveQuantizationNoise
+from qrl_megatron.rollout.engine import EngineDied
 from qrl_megatron.rollout.engines import make_engine
 from qrl_megatron.rollout.stage import RolloutDriver, RolloutResult
 
@@ -145,10 +146,22 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     # the first rollout is in AQN stage 0 (no noise); a resumed run re-applies the noise its last step drew
     aqn_sigma = aqn(driver.engine, start_step) if driver and start_step else 0.0
 
+    def restart_engine(step: int) -> None:
+        """A new engine for one that died, holding the learner's weights (and the noise AQN drew) as of ``step - 1``."""
+        if driver:
+            try:
+                driver.engine.close()
+            except Exception as err:  # noqa: BLE001 -- a dead engine may fail to close; the new one matters
+                print(f"closing the dead engine failed ({type(err).__name__}: {err}); starting a new one", flush=True)
+            driver.engine = make_engine(cfg.rollout, cfg.run.dir, cfg.seed, policy_dir, seq_length, sync.plan)
+        sync(learner, driver.engine if driver else None, step - 1)
+        if driver:
+            aqn(driver.engine, step - 1)
+
     rl_start, step = time.perf_counter(), start_step
     for step in range(start_step + 1, cfg.trainer.max_steps + 1):
         # rollout -> reward -> advantage on rank 0's engine; every rank takes its DP share of the batch
-        result: RolloutResult = _broadcast(driver.rollout(step) if driver else None)
+        result = _rollout(driver, step, cfg.trainer.engine_restarts, restart_engine)
         local = result.batch.split(layout.dp)[layout.dp_rank]
 
         # learner: proximal (old) logprobs of the full-precision policy, then the policy updates
@@ -233,6 +246,34 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     dist.barrier()
     destroy_distributed()
     return evals or None
+
+
+def _rollout(
+    driver: RolloutDriver | None, step: int, restarts: int, restart_engine: Callable[[int], None]
+) -> RolloutResult:
+    """Collective: rank 0's rollout of ``step``, retried on a restarted engine when the engine died.
+
+    The prompt stream is rewound before a retry and sampling is seeded per step, so the retried step samples
+    exactly what the lost attempt would have: a run that lost its engine ends where an unbroken one does.
+    """
+    for attempt in range(restarts + 1):
+        position = driver.sampler.state() if driver else None
+        try:
+            outcome: tuple[str, Any] | None = ("ok", driver.rollout(step)) if driver else None
+        except EngineDied as err:
+            outcome = ("died", str(err))
+        status, payload = _broadcast(outcome)
+        if status == "ok":
+            return payload
+        if attempt == restarts:
+            break
+        if driver and position is not None:
+            print(f"step {step}: {payload}; restarting the engine ({attempt + 1}/{restarts})", flush=True)
+            driver.sampler.load_state(position)
+        restart_engine(step)  # collective: every rank streams the weights into the new engine
+    raise RuntimeError(
+        f"the rollout engine died {restarts + 1} times at step {step} ({payload}); giving up (trainer.engine_restarts)"
+    )
 
 
 def probe_sequences(task: Any, tokenizer: Any, count: int) -> list[list[int]]:

@@ -47,6 +47,9 @@ class TrainerConfig:
     resume: str = doc(
         "auto", "'auto': continue the newest good checkpoint in run.dir, else start; 'never'; or a checkpoint path"
     )
+    engine_restarts: int = doc(
+        2, "times a step's rollout is retried on a restarted, re-synced engine after the engine died"
+    )
     max_skipped_steps: int = doc(
         3, "consecutive steps with a non-finite loss/gradient (update skipped) that stop the run"
     )
@@ -58,5 +61,6 @@ class TrainerConfig:
         check_positive(f"{prefix}.save_every", self.save_every, allow_zero=True)
         check_positive(f"{prefix}.keep_checkpoints", self.keep_checkpoints)
         check_positive(f"{prefix}.max_skipped_steps", self.max_skipped_steps)
+        check_positive(f"{prefix}.engine_restarts", self.engine_restarts, allow_zero=True)
         if not self.resume:
             raise ConfigError(f"{prefix}.resume must be 'auto', 'never' or a checkpoint folder")

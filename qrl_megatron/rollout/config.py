@@ -25,6 +25,9 @@ class RolloutConfig:
     top_p: float = doc(1.0, "nucleus sampling mass")
     kv_cache_mib: int = doc(256, "KV-cache memory of the engine in MiB (on CPU: host RAM)")
     enforce_eager: bool = doc(True, "skip graph compilation in vLLM (faster start on CPU)")
+    call_timeout_s: float = doc(
+        1800.0, "an engine call (a rollout, an evaluation) running longer is a hung engine: restarted (0 = no limit)"
+    )
 
     def validate(self, prefix: str = "rollout") -> None:
         check_choice(f"{prefix}.quant", self.quant, ROLLOUT_FORMATS)
@@ -38,6 +41,7 @@ class RolloutConfig:
         check_positive(f"{prefix}.temperature", self.temperature)
         check_range(f"{prefix}.top_p", self.top_p, 1e-6, 1.0)
         check_positive(f"{prefix}.kv_cache_mib", self.kv_cache_mib)
+        check_positive(f"{prefix}.call_timeout_s", self.call_timeout_s, allow_zero=True)
 
 
 @dataclass

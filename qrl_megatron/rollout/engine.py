@@ -40,6 +40,14 @@ def sampling_seed(seed: int, step: int, i: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + i) % (2**31)
 
 
+class EngineDied(RuntimeError):
+    """The engine's process is gone (killed, OOM, crashed) or stopped answering within its timeout.
+
+    Engines raise it from the calls a rollout makes, so the trainer can tell a lost engine -- restart it, re-sync
+    it from the learner, retry the step -- from a bug, which must stop the run.
+    """
+
+
 @dataclass
 class Completion:
     """One sampled completion and what the engine knew about it."""

@@ -46,7 +46,7 @@ import torch
 
 from qrl_megatron.bridge.transport import SharedMemoryTransport
 from qrl_megatron.rollout.config import RolloutConfig
-from qrl_megatron.rollout.engine import LAUNCHER_ENV, Completion, sampling_seed
+from qrl_megatron.rollout.engine import LAUNCHER_ENV, Completion, EngineDied, sampling_seed
 from qrl_megatron.rollout.weight_transfer import BACKEND as WEIGHT_TRANSFER_BACKEND
 from qrl_megatron.utils.net import free_port
 
@@ -60,6 +60,10 @@ class ServerError(RuntimeError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ServerUnreachable(ServerError, EngineDied):
+    """No answer at all: the server process is gone, or the call ran past ``request_timeout_s`` (a hung server)."""
 
 
 def _serve_command(model_dir: str) -> list[str]:
@@ -242,7 +246,7 @@ class VLLMServerEngine:
         except urllib.error.HTTPError as e:
             raise ServerError(f"POST {path} -> {e.code}: {self._error_message(e)}", status=e.code) from e
         except (urllib.error.URLError, OSError) as e:
-            raise ServerError(f"POST {path} failed: {e}{self._death_note()}") from e
+            raise ServerUnreachable(f"POST {path} failed: {e}{self._death_note()}") from e
         return json.loads(payload) if payload else None
 
     @staticmethod

@@ -15,7 +15,7 @@ import torch
 
 from qrl_megatron.bridge.transport import SharedMemoryTransport
 from qrl_megatron.rollout.config import RolloutConfig
-from qrl_megatron.rollout.engine import Completion, engine_environment, sampling_seed
+from qrl_megatron.rollout.engine import Completion, EngineDied, engine_environment, sampling_seed
 from qrl_megatron.rollout.weight_transfer import BACKEND as WEIGHT_TRANSFER_BACKEND
 
 __all__ = ["Completion", "VLLMEngine"]
@@ -34,6 +34,52 @@ class _CollectiveRpcChannel:
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
+
+
+class EngineWatchdog:
+    """Wakes a ``LLM.generate`` call whose engine core died or hung, so it raises instead of waiting forever.
+
+    Patch of vLLM 0.32.0's ``SyncMPClient`` behaviour (the colocated engine with its engine core in a separate
+    process): when that process dies, the client's monitor thread marks it dead and closes its sockets, but nothing
+    wakes a ``get_output()`` that is already waiting on the output queue -- the call hangs forever (measured: a
+    SIGKILLed engine core left the trainer blocked). The watchdog puts vLLM's own ``EngineDeadError`` on that
+    queue when the client is marked dead, or when a call runs past ``timeout_s`` (a hung engine), once; after that
+    the engine is treated as dead and the trainer restarts it. A client without those internals (vLLM's
+    in-process client) is not watched.
+    """
+
+    POLL_S = 0.5
+
+    def __init__(self, llm: Any, timeout_s: float) -> None:
+        import threading
+
+        self.client: Any = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        self.timeout_s = timeout_s
+        self.call_started: float | None = None
+        self.fired: str | None = None  # why the watchdog woke the engine (it stays dead afterwards)
+        self._stop = threading.Event()
+        self.watching = hasattr(self.client, "outputs_queue") and hasattr(self.client, "resources")
+        if self.watching:
+            threading.Thread(target=self._watch, name="qrl-engine-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        import time
+
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        while not self._stop.wait(self.POLL_S):
+            started = self.call_started
+            if self.client.resources.engine_dead:
+                self.fired = "the colocated vLLM engine core died"
+            elif self.timeout_s and started is not None and time.monotonic() - started > self.timeout_s:
+                self.fired = f"an engine call ran past rollout.call_timeout_s={self.timeout_s:g} s (hung engine)"
+            else:
+                continue
+            self.client.outputs_queue.put_nowait(EngineDeadError())
+            return
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 class VLLMEngine:
@@ -59,6 +105,7 @@ class VLLMEngine:
                 weight_transfer_config={"backend": WEIGHT_TRANSFER_BACKEND},
             )
         self.tokenizer = self.llm.get_tokenizer()
+        self.watchdog = EngineWatchdog(self.llm, cfg.call_timeout_s)
         self.transport = SharedMemoryTransport(_CollectiveRpcChannel(self.llm))
         self.transport.init(verify_checksums=True)
 
@@ -79,7 +126,7 @@ class VLLMEngine:
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self._generate(prompts, params)
         completions: list[Completion] = []
         for i, out in enumerate(outputs):
             for sample in out.outputs:
@@ -100,6 +147,21 @@ class VLLMEngine:
                 )
         return completions
 
+    def _generate(self, prompts: list[Any], params: Any) -> list[Any]:
+        import time
+
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self.watchdog.fired:
+            raise EngineDied(self.watchdog.fired)
+        self.watchdog.call_started = time.monotonic()
+        try:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        except EngineDeadError as err:  # the engine-core process died (killed, OOM) or hung; this LLM cannot recover
+            raise EngineDied(self.watchdog.fired or f"the colocated vLLM engine core died: {err}") from err
+        finally:
+            self.watchdog.call_started = None
+
     def greedy(self, prompts: list[str], max_new_tokens: int) -> list[Completion]:
         return self.generate(prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens, step=0)
 
@@ -109,7 +171,7 @@ class VLLMEngine:
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         prompts: list[Any] = [{"prompt_token_ids": s} for s in sequences]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self._generate(prompts, params)
         return [
             [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], seq[1:], strict=True)]  # type: ignore[index]
             for out, seq in zip(outputs, sequences, strict=True)
@@ -139,6 +201,7 @@ class VLLMEngine:
         return report
 
     def close(self) -> None:
+        self.watchdog.close()
         engine = getattr(self.llm, "llm_engine", None)
         shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
         if callable(shutdown):
