@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_CONFIG_ERROR
 
-    from qrl_megatron.learner.resume import EXIT_PREEMPTED, Preempted
+    from qrl_megatron.learner.resume import EXIT_PREEMPTED, Preempted, RunStopped
     from qrl_megatron.train import train
 
     try:
@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # found once the data is read: a bad file, too many unusable rows, a plug-in reward
         print(f"qrl-train: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except RunStopped as err:
+        print(f"qrl-train: stopped: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,7 +24,15 @@ from qrl_megatron.evals.run import flat_metrics
 from qrl_megatron.hf_export import export_policy, export_rollout_format
 from qrl_megatron.learner.batch import TokenBatch
 from qrl_megatron.learner.learner import Learner, scheduled_lr
-from qrl_megatron.learner.resume import CheckpointStore, Preempted, PreemptionFlag, RunCheckpointer, plan_resume
+from qrl_megatron.learner.resume import (
+    PREEMPTED_MARKER,
+    CheckpointStore,
+    Preempted,
+    PreemptionFlag,
+    RunCheckpointer,
+    RunStopped,
+    plan_resume,
+)
 from qrl_megatron.learner.warmstart import run_warmstart
 from qrl_megatron.metrics.logger import MetricsLogger
 from qrl_megatron.models.base import load_hf_weights, load_tokenizer, prepare_base_model, sequence_length
@@ -114,6 +122,8 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     if resume_error:
         raise ValueError(resume_error)
     state = checkpoints.load(Path(resume_from), learner) if resume_from else {}
+    if layout.rank == 0:
+        (Path(cfg.run.dir) / PREEMPTED_MARKER).unlink(missing_ok=True)  # this run is the requeued one
     start_step, skipped = state.get("step", 0), state.get("skipped_in_a_row", 0)
 
     # rank 0 drives the engine and writes the logs; the other ranks are pure learner
@@ -185,7 +195,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         train_seconds = time.perf_counter() - train_start
         skipped = skipped + 1 if any(u["update_skipped"] for u in updates) else 0
         if skipped >= cfg.trainer.max_skipped_steps:
-            raise RuntimeError(
+            raise RunStopped(
                 f"{skipped} steps in a row had a non-finite loss or gradient (updates skipped, weights untouched) "
                 f"at step {step}: the run diverged; lower learner.lr or check the rewards (trainer.max_skipped_steps)"
             )
@@ -195,7 +205,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
 
         if driver and logger:
             metrics = _step_metrics(result.metrics, mismatch, updates, train_seconds, sync_metrics)
-            metrics["lr"] = lr
+            metrics.update(lr=lr, updates_skipped=sum(u["update_skipped"] for u in updates), skipped_in_a_row=skipped)
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
                 metrics.update(flat_metrics(driver.evaluate(step)))  # eval_accuracy, eval/<set>/pass@k, ...
             if step == start_step + 1:  # the data accounting, once: data/<split>/skipped_<reason>
@@ -215,6 +225,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
             if driver and logger:
                 logger.close()
                 driver.engine.close()
+                (Path(cfg.run.dir) / PREEMPTED_MARKER).write_text(json.dumps({"step": step}))
             raise Preempted(step)
         if out_of_time:
             break
@@ -271,7 +282,7 @@ def _rollout(
             print(f"step {step}: {payload}; restarting the engine ({attempt + 1}/{restarts})", flush=True)
             driver.sampler.load_state(position)
         restart_engine(step)  # collective: every rank streams the weights into the new engine
-    raise RuntimeError(
+    raise RunStopped(
         f"the rollout engine died {restarts + 1} times at step {step} ({payload}); giving up (trainer.engine_restarts)"
     )
 

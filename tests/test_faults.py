@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from _fault_workers import nan_step_worker
@@ -69,41 +71,57 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _engine_core(trainer_pid: int) -> psutil.Process | None:
+    """The colocated vLLM engine-core process under the trainer (vLLM titles it ``VLLM::EngineCore``)."""
+    for child in psutil.Process(trainer_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                return child
+    return None
+
+
 @pytest.mark.e2e
-def test_kill_9_and_preemption_resume_bit_identically(tmp_path):
-    """Uninterrupted run vs a run SIGKILLed after its step-2 checkpoint, resumed, preempted (SIGUSR1) during the
-    resumed run, resumed again: the same metrics (but wall-clock ones) and the same final weights, bit for bit."""
+def test_engine_kill_kill_9_and_preemption_leave_the_run_bit_identical(tmp_path):
+    """An uninterrupted run vs one whose engine core is SIGKILLed during step 2 (restarted, re-synced, step
+    retried), whose trainer is SIGKILLed after the step-2 checkpoint, resumed, preempted by SIGUSR1 (checkpoint,
+    exit 75) and resumed again: the same metrics (but wall-clock ones) and final weights, bit for bit."""
     cache = tmp_path / "cache"
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     env = os.environ.copy()
     subprocess.run(_command(reference, cache), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    logs: list[Path] = []
 
     def start() -> subprocess.Popen:
-        return subprocess.Popen(
-            _command(interrupted, cache), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True,
-        )  # fmt: skip
+        logs.append(tmp_path / f"attempt{len(logs)}.log")
+        with logs[-1].open("w") as log:  # a file, not a pipe: a full pipe would block the trainer
+            return subprocess.Popen(
+                _command(interrupted, cache), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def logged_steps() -> int:
+        path = interrupted / "metrics.jsonl"
+        return len(path.read_text().splitlines()) if path.is_file() else 0
 
     first = start()
+    _wait_for(lambda: logged_steps() >= 1, first, "step 1")
+    engine = _engine_core(first.pid)
+    assert engine is not None, "no engine-core process found under the trainer"
+    engine.kill()  # the next rollout (step 2) finds the engine dead
     _wait_for(lambda: (interrupted / "checkpoints" / "step_00000002" / "MANIFEST.json").is_file(), first, "step 2")
-    os.killpg(first.pid, signal.SIGKILL)  # the trainer and its vLLM engine processes, with no chance to clean up
+    os.killpg(first.pid, signal.SIGKILL)  # the trainer and its engine, with no chance to clean up
     first.wait(timeout=60)
+    assert "step 2: the colocated vLLM engine core died" in logs[0].read_text()
 
     second = start()  # the same command: continues from step 2; preempted during step 3
-    assert second.stdout is not None
-    for line in second.stdout:  # the preemption handler is installed before the resume is announced
-        if "resuming from" in line:
-            break
-    else:
-        pytest.fail(f"the second run never resumed (exit {second.wait()})")
-    second.send_signal(signal.SIGUSR1)
-    output = second.communicate(timeout=400)[0]
-    assert second.returncode == EXIT_PREEMPTED, output[-4000:]
+    _wait_for(lambda: "resuming from" in logs[1].read_text(), second, "the resume")
+    second.send_signal(signal.SIGUSR1)  # the handler is installed before the resume is announced
+    assert second.wait(timeout=400) == EXIT_PREEMPTED, logs[1].read_text()[-4000:]
     assert (interrupted / "checkpoints" / "step_00000003").is_dir(), "the preemption checkpoint is missing"
 
-    third = subprocess.run(_command(interrupted, cache), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert third.returncode == 0, third.stderr[-4000:]
-    assert "resuming from" in third.stdout and "step_00000003" in third.stdout
+    third = start()
+    assert third.wait(timeout=600) == 0, logs[2].read_text()[-4000:]
+    assert "resuming from" in logs[2].read_text() and "step_00000003" in logs[2].read_text()
     assert CheckpointStore(interrupted / "checkpoints").steps() == [3, 4]  # keep_checkpoints=2
 
     assert [r["step"] for r in _deterministic_rows(interrupted)] == [1, 2, 3, 4]
@@ -111,3 +129,18 @@ def test_kill_9_and_preemption_resume_bit_identically(tmp_path):
     ref_weights, weights = _final_weights(reference), _final_weights(interrupted)
     assert ref_weights.keys() == weights.keys() and ref_weights
     assert all(torch.equal(ref_weights[k], weights[k]) for k in ref_weights)
+
+
+@pytest.mark.e2e
+def test_consecutive_non_finite_steps_stop_the_run_with_one_line(tmp_path):
+    command = _command(tmp_path / "run", tmp_path / "cache") + [
+        "reward.fn=fault_rewards:huge_reward", "trainer.max_skipped_steps=2", "trainer.save_every=0",
+        "algo.dynamic_sampling=false",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "qrl-train: stopped: 2 steps in a row had a non-finite loss or gradient" in result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]  # step 1 skipped and logged; step 2 was the second in a row
+    assert rows[0]["updates_skipped"] >= 1 and rows[0]["skipped_in_a_row"] == 1

@@ -208,7 +208,7 @@ class Learner:
         self.optimizer.zero_grad()
         outputs = self._run_schedule(batch, loss_func, forward_only=False)
         summed = self.reduce_sums(outputs)
-        if not (math.isfinite(summed.get("loss", 0.0)) and self._grads_finite()):
+        if not self._all_finite(summed.get("loss", 0.0)):
             # A non-finite loss or gradient would poison the weights and Adam's moments for good: skip the step,
             # leaving both untouched (the next step zeroes the gradient buffers); the trainer counts the skips.
             summed.update(grad_norm=math.nan, update_skipped=1.0)
@@ -218,9 +218,13 @@ class Learner:
         summed["update_skipped"] = float(not update_ok)
         return summed
 
-    def _grads_finite(self) -> bool:
-        """Collective: whether every gradient on every rank is finite (all ranks get the same answer)."""
-        finite = all(
+    def _all_finite(self, loss: float) -> bool:
+        """Collective: whether ``loss`` and every gradient are finite on every rank (all ranks get one answer).
+
+        Every rank must reach the all-reduce whatever its own verdict: TP ranks can disagree (a NaN that only one
+        rank's shard produced), and a rank that skipped the collective would leave the others waiting forever.
+        """
+        finite = math.isfinite(loss) and all(
             bool(torch.isfinite(grad).all())
             for p in self.model.parameters()
             if (grad := getattr(p, "main_grad", p.grad)) is not None

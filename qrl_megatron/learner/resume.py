@@ -32,12 +32,14 @@ import torch
 
 __all__ = [
     "EXIT_PREEMPTED",
+    "PREEMPTED_MARKER",
     "INCOMPATIBLE_KEYS",
     "MANIFEST",
     "CheckpointStore",
     "Preempted",
     "PreemptionFlag",
     "RunCheckpointer",
+    "RunStopped",
     "config_changes",
     "plan_resume",
     "resolve_resume",
@@ -322,6 +324,13 @@ def plan_resume(resume: str, store: CheckpointStore, settings: dict[str, Any]) -
 # Exit status of a run stopped by a preemption signal after writing its checkpoint (EX_TEMPFAIL): the sbatch
 # scripts requeue the job on it, and the requeued job resumes (trainer.resume=auto).
 EXIT_PREEMPTED = 75
+# Written to run.dir by a preempted run (whatever status its launcher reports: torchrun turns any worker's exit
+# status into 1): slurm/learner.sbatch requeues the job when it finds it.
+PREEMPTED_MARKER = "preempted.json"
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (it diverged, or its engine keeps dying); the message says why and what to change."""
 
 
 class Preempted(Exception):
