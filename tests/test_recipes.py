@@ -121,20 +121,10 @@ def one_rank_layout():
     destroy_distributed()
 
 
-def megatron_count(hf: dict[str, Any], layout: Any, monkeypatch: pytest.MonkeyPatch) -> int:
+def megatron_count(hf: dict[str, Any], layout: Any) -> int:
     import qrl_megatron.learner.model as learner_model
     from qrl_megatron.models.registry import spec_from_hf_config
 
-    # The RoPE frequencies build_gpt_model writes into the model are a buffer (data, not a parameter): computed on
-    # the CPU, as on a real run, because a meta tensor cannot be copied to the CPU buffer they replace.
-    compute = getattr(learner_model, "rope_inv_freq", None)
-    if compute is not None:
-
-        def on_cpu(*args: Any, **kwargs: Any) -> torch.Tensor:
-            with torch.device("cpu"):
-                return compute(*args, **kwargs)
-
-        monkeypatch.setattr(learner_model, "rope_inv_freq", on_cpu)
     spec = spec_from_hf_config(hf)
     with torch.device("meta"):
         model = learner_model.build_gpt_model(spec, layout, config_overrides={"perform_initialization": False})
@@ -154,9 +144,9 @@ def transformers_count(hf: dict[str, Any]) -> int:
 
 
 @pytest.mark.parametrize("recipe", sorted(PUBLISHED))
-def test_recipe_parameter_count(recipe: str, one_rank_layout: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recipe_parameter_count(recipe: str, one_rank_layout: Any) -> None:
     hf = hf_config(recipe_cfg(recipe))
-    count = megatron_count(hf, one_rank_layout, monkeypatch)
+    count = megatron_count(hf, one_rank_layout)
     assert count == transformers_count(hf)
     published = PUBLISHED[recipe]
     assert abs(count - published) / published < 0.01, f"{recipe}: {count / 1e9:.3f}B vs published {published / 1e9}B"

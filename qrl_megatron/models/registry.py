@@ -170,7 +170,10 @@ def rope_inv_freq(spec: ModelSpec, device: torch.device | str | None = None) -> 
     """
     dim = spec.kv_channels
     base = spec.rope_theta
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+    # made on `device` (not moved there): under a `torch.device("meta")` context (the planner's parameter count) an
+    # arange without a device is a meta tensor, which cannot be copied into the CPU buffer it replaces
+    positions = torch.arange(0, dim, 2, dtype=torch.int64, device=device)
+    inv_freq = 1.0 / (base ** (positions.to(dtype=torch.float) / dim))
     scaling = spec.rope_scaling
     if scaling is None:
         return inv_freq
