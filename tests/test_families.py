@@ -306,7 +306,9 @@ def test_megatron_tp1_matches_transformers(family, family_dirs, tp1_logits):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2pp2"])
+# TP2 x PP2 splits every tensor-parallel rule and the stage boundary at once (TP=2 and PP=2 alone are covered for
+# the tiny model in test_models.py); one layout keeps the CI budget
+@pytest.mark.parametrize(("tp", "pp"), [(2, 2)], ids=["tp2pp2"])
 def test_layouts_match_tp1(tp, pp, family_dirs, tp1_logits):
     """Logits of every layout equal TP=1; from TP2 x PP2 the bridge streams the same bytes as from TP=1 (for
     Qwen3 the q/k norms are replicated units, sent once by TP rank 0 of their stage, never quantized)."""
