@@ -13,8 +13,9 @@ FORMATS = ["bf16", "nvfp4", "fp8", "int8"]
 # Max |engine - float32 reference forward of the streamed (dequantized) weights| over the probe tokens. The
 # engine computes in bf16 and, for fp8/int8, quantizes activations per token (W8A8), which the reference does not.
 # Max per-token gap of the refitted engine vs the float32 reference. INT8 W8A8 depends on the CPU's int8 GEMM:
-# 0.079 max / 0.027 mean on a 2-core AMD EPYC (oneDNN, no AMX), under 0.05 on Intel AMX; a weight the engine failed
-# to load moves it by nats, so 0.1 still catches every mis-load (the stale-weights gate below fires at the default).
+# 0.079 max / 0.027 mean on an AVX2-only AMD EPYC (no VNNI/AMX; see INT8_WITHOUT_VNNI in test_te_ext_vllm.py),
+# under 0.05 with VNNI or AMX; a weight the engine failed to load moves it by nats, so 0.1 still catches every
+# mis-load (the stale-weights gate below fires at the default tolerance).
 PROBE_TOLERANCE = {"bf16": 0.02, "nvfp4": 0.03, "fp8": 0.08, "int8": 0.1}
 
 
