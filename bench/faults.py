@@ -156,10 +156,21 @@ def main() -> None:
             events.append({"fault": fault, "at_step": logged(run_dir), "hit": core is not None})
             continue  # the same trainer goes on: it must restart its engine itself
         if fault == "corrupt-latest":
-            reached = wait_until(lambda n=before: logged(run_dir) > n, process)
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
             store = CheckpointStore(run_dir / "checkpoints")
+            last = max(store.steps(), default=0)
+
+            # a checkpoint sealed by this launch, with a good predecessor for the resume to fall back to
+            def sealed(store: CheckpointStore = store, last: int = last) -> bool:
+                steps = store.steps()
+                return len(steps) >= 2 and steps[-1] > last
+
+            reached = wait_until(sealed, process)
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            if len(store.steps()) < 2:
+                events.append({"fault": fault, "at_step": logged(run_dir), "hit": False})
+                continue
             newest = store.path(store.steps()[-1])
             victim = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
             data = bytearray(victim.read_bytes())
