@@ -130,6 +130,7 @@ def main() -> None:
     launches, start = 0, time.perf_counter()
     process: subprocess.Popen | None = None
     rows_at_end: list[int] = []
+    launched_at = time.time()
     while True:
         if process is None or process.poll() is not None:
             if process is not None and process.returncode == 0:
@@ -141,6 +142,7 @@ def main() -> None:
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
             launches += 1
+            launched_at = time.time()
         if not faults:
             process.wait()
             continue
@@ -179,7 +181,11 @@ def main() -> None:
             events.append({"fault": fault, "at_step": logged(run_dir), "checkpoint": newest.name, "hit": reached})
             continue
         if fault == "kill-in-save":
-            in_save = lambda: any(p.name.endswith(".partial") for p in (run_dir / "checkpoints").glob("*"))  # noqa: E731
+            # a save of this launch in flight: a .partial folder newer than the launch (not an earlier kill's leftover)
+            def in_save(since: float = launched_at) -> bool:
+                folders = (run_dir / "checkpoints").glob("*.partial")
+                return any(p.stat().st_mtime > since for p in folders if p.exists())
+
             reached = wait_until(in_save, process)
         else:
             reached = wait_until(lambda: False, process, timeout=rng.uniform(5.0, 45.0)) or process.poll() is None
