@@ -32,11 +32,11 @@ sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 from qrl_megatron.config import load_config  # noqa: E402
 from qrl_megatron.data.loader import load_task  # noqa: E402
 from qrl_megatron.learner.resume import CheckpointStore  # noqa: E402
+from qrl_megatron.models.base import load_hf_weights  # noqa: E402
 from qrl_megatron.rollout.stage import PromptSampler  # noqa: E402
 
 WALL_CLOCK = ("time", "seconds", "per_s", "gbps")
@@ -71,10 +71,8 @@ def deterministic_rows(run_dir: Path) -> list[dict]:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    weights: dict[str, torch.Tensor] = {}
-    for path in sorted((run_dir / "final").glob("*.safetensors")):
-        weights.update(load_file(path))
-    return weights
+    """The exported policy in ``run.dir/final/``, read by the loader the trainer uses (index, every shard)."""
+    return dict(load_hf_weights(run_dir / "final"))
 
 
 def logged(run_dir: Path) -> int:

@@ -17,9 +17,9 @@ import pytest
 import torch
 from _fault_workers import nan_step_worker
 from dist_utils import run_distributed
-from safetensors.torch import load_file
 
 from qrl_megatron.learner.resume import EXIT_PREEMPTED, CheckpointStore
+from qrl_megatron.models.base import load_hf_weights
 
 
 @pytest.mark.dist
@@ -65,10 +65,8 @@ def _deterministic_rows(run_dir: Path) -> list[dict]:
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    weights: dict[str, torch.Tensor] = {}
-    for path in sorted((run_dir / "final").glob("*.safetensors")):
-        weights.update(load_file(path))
-    return weights
+    """The exported policy in ``run.dir/final/``, read by the loader the trainer uses (index, every shard)."""
+    return dict(load_hf_weights(run_dir / "final"))
 
 
 def _engine_core(trainer_pid: int) -> psutil.Process | None:
