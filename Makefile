@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/tiny_cpu.yaml
 
-.PHONY: venv demo test test-fast lint format typecheck bench clean
+.PHONY: venv demo test test-all test-fast lint format typecheck bench clean
 
 venv:
 	@bash scripts/setup_env.sh
@@ -14,6 +14,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+test-all: venv
+	QRL_TEST_ALL_FORMATS=1 $(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 test-fast: venv
 	$(PY) -m pytest tests -q -m "unit" $(PYTEST_ARGS)

@@ -32,12 +32,13 @@ FORMATS = ("bf16", "nvfp4")
 MAX_LOGPROB_GAP = 0.05  # the bound on logprob_diff_abs_mean
 
 
-def train(model_dir: Path, run_dir: Path, quant: str, layout: str, steps: int) -> dict:
+def train(model_dir: Path, run_dir: Path, quant: str, layout: str, steps: int, temperature: float) -> dict:
     command = [
         sys.executable, "-m", "qrl_megatron.cli", "configs/tiny_cpu.yaml",
         f"model.source={model_dir}", f"run.dir={run_dir}", "run.progress=false", "warmstart.enabled=false",
         f"rollout.quant={quant}", *LAYOUTS[layout], f"trainer.max_steps={steps}", "trainer.checkpoint=false",
         "task.num_train=400", "rollout.prompts_per_step=8", "algo.dynamic_sampling=false",
+        f"rollout.temperature={temperature}",
     ]  # fmt: skip
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=os.environ.copy())
@@ -76,18 +77,25 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--temperature", type=float, default=1.0,
+        help="rollout temperature: 1.0 is what every real-model recipe (configs/qwen2.5_7b.yaml, ...) samples at; "
+        "the tiny arithmetic recipe samples at 0.6, which scales the logit error of a quantized engine by 1/0.6",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "families.json")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="qrl-families-"))
     results = []
+    print(f"rollout temperature {args.temperature}, {args.steps} steps per run")
     print(f"{'family':<12} {'format':<6} {'layout':<7} {'gap':>8} {'probe':>8} {'sync MB':>8} {'final':>6} {'s':>6}")
     for family in args.families:
         model_dir = build_family_model(family, work / family)
         for quant in args.formats:
             for layout in args.layouts:
-                row = {"family": family, "format": quant, "layout": layout}
-                row.update(train(model_dir, work / f"run-{family}-{quant}-{layout}", quant, layout, args.steps))
+                row = {"family": family, "format": quant, "layout": layout, "temperature": args.temperature}
+                run_dir = work / f"run-{family}-{quant}-{layout}"
+                row.update(train(model_dir, run_dir, quant, layout, args.steps, args.temperature))
                 results.append(row)
                 if not row["ok"]:
                     print(f"{family:<12} {quant:<6} {layout:<7} FAILED: {row['error']}", flush=True)

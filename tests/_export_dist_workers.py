@@ -27,8 +27,9 @@ def perturbed_weights(model_dir: str | Path, scale: float = 0.02, seed: int = 7)
     return out
 
 
-def export_worker(rank: int, world_size: int, tp: int, pp: int, model_dir: str, out_dir: str, shard_bytes: int) -> dict:
-    """Load the perturbed weights at TP x PP, export them through the streaming writer, and gather them too."""
+def export_worker(rank: int, world_size: int, tp: int, pp: int, jobs: list[tuple[str, str]], shard_bytes: int) -> dict:
+    """For each (model folder, output folder): load the perturbed weights at TP x PP, export them through the
+    streaming writer, and gather them too. Every model in one process group (a launch costs more than an export)."""
     from qrl_megatron.hf_export import export_policy
     from qrl_megatron.learner.model import build_gpt_model, gather_hf_state_dict, load_hf_state_dict
     from qrl_megatron.models.registry import load_spec
@@ -36,11 +37,13 @@ def export_worker(rank: int, world_size: int, tp: int, pp: int, model_dir: str, 
 
     torch.set_num_threads(1)
     layout = init_distributed(tp, pp, seed=0)
-    spec = load_spec(model_dir)
-    model = build_gpt_model(spec, layout)
-    load_hf_state_dict(model, perturbed_weights(model_dir), spec, layout)
-    export_policy(model, spec, layout, out_dir, model_dir, max_shard_bytes=shard_bytes)
-    gathered = gather_hf_state_dict(model, spec, layout, dst=0, dtype=torch.bfloat16)
+    gathered = {}
+    for model_dir, out_dir in jobs:
+        spec = load_spec(model_dir)
+        model = build_gpt_model(spec, layout)
+        load_hf_state_dict(model, perturbed_weights(model_dir), spec, layout)
+        export_policy(model, spec, layout, out_dir, model_dir, max_shard_bytes=shard_bytes)
+        gathered[out_dir] = gather_hf_state_dict(model, spec, layout, dst=0, dtype=torch.bfloat16)
     return {"rank": rank, "gathered": gathered}
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qrl_megatron.config import AlgoConfig, AQNConfig, ConfigError, RolloutConfig
+from qrl_megatron.config import AlgoConfig, AQNConfig, ConfigError
 from qrl_megatron.rollout.aqn import (
     AQN_NORM_PATTERN,
     AdaptiveQuantizationNoise,
@@ -152,11 +152,10 @@ def _flat(rows: list[list[float]]) -> torch.Tensor:
 
 
 @pytest.mark.e2e
-def test_engine_norm_noise_changes_logprobs_reproducibly_and_a_sync_removes_it(tiny_model_dir) -> None:
+def test_engine_norm_noise_changes_logprobs_reproducibly_and_a_sync_removes_it(tiny_model_dir, tiny_engine) -> None:
     from transformers import AutoModelForCausalLM
 
     from qrl_megatron.models.base import load_hf_weights
-    from qrl_megatron.rollout.vllm_engine import VLLMEngine
 
     clean_weights = {k: v for k, v in load_hf_weights(tiny_model_dir).items() if k != "lm_head.weight"}
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
@@ -173,7 +172,7 @@ def test_engine_norm_noise_changes_logprobs_reproducibly_and_a_sync_removes_it(t
                 module.weight.copy_(noisy)
         return _reference_logprobs(hf, sequences)
 
-    engine = VLLMEngine(str(tiny_model_dir), RolloutConfig(kv_cache_mib=32), seed=0, max_model_len=64)
+    engine = tiny_engine  # the session's (tests/conftest.py), with the model's weights
     try:
         sequences = [engine.tokenizer.encode(t) for t in TEXTS]
         clean = engine.prompt_logprobs(sequences)
@@ -196,7 +195,7 @@ def test_engine_norm_noise_changes_logprobs_reproducibly_and_a_sync_removes_it(t
         restored = engine.prompt_logprobs(sequences)
         assert engine.parameter_checksums() == checks_clean
     finally:
-        engine.close()
+        engine.load_weights(clean_weights)  # the session's engine leaves without noise, whatever failed
 
     # only the decoder-layer norms moved (not the final norm, not any linear or embedding)
     changed = {n for n in checks_clean if checks_clean[n] != checks_noisy[n]}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from _bridge_dist_workers import refit_worker, stream_worker
@@ -10,6 +12,11 @@ from dist_utils import run_distributed
 pytestmark = pytest.mark.dist
 
 FORMATS = ["bf16", "nvfp4", "fp8", "int8"]
+# Engines refitted from the TP2xPP2 learner (an engine start is ~35 s of CPU). The streamed bytes of every format
+# equal the TP=1 learner's (test above), and TP=1 refits of bf16 and NVFP4 run every step in tests/test_e2e.py
+# (probe on) and tests/test_families.py; so CI refits the two W8A8 formats here, where the corruption and stale-weights
+# gates run too. QRL_TEST_ALL_FORMATS=1: all four.
+REFIT_FORMATS = FORMATS if os.environ.get("QRL_TEST_ALL_FORMATS") == "1" else ["fp8", "int8"]
 # Max |engine - float32 reference forward of the streamed (dequantized) weights| over the probe tokens. The
 # engine computes in bf16 and, for fp8/int8, quantizes activations per token (W8A8), which the reference does not.
 # Max per-token gap of the refitted engine vs the float32 reference. INT8 W8A8 depends on the CPU's int8 GEMM:
@@ -37,9 +44,9 @@ def test_streamed_bytes_do_not_depend_on_the_learner_layout(tiny_model_dir, tp1_
 
 
 def test_tp2_pp2_learner_refits_a_tp1_engine(tiny_model_dir):
-    results = run_distributed(refit_worker, 4, 2, 2, 1, str(tiny_model_dir), FORMATS, timeout=900)[0]
+    results = run_distributed(refit_worker, 4, 2, 2, 1, str(tiny_model_dir), REFIT_FORMATS, timeout=900)[0]
     report = []
-    for fmt in FORMATS:
+    for fmt in REFIT_FORMATS:
         m = results[fmt]["metrics"]
         report.append(
             f"{fmt}: probe gap max {m['probe_gap_max']:.4f} mean {m['probe_gap_mean']:.5f}, "
@@ -47,14 +54,17 @@ def test_tp2_pp2_learner_refits_a_tp1_engine(tiny_model_dir):
             f"{m.get('sync_quantized_vs_bf16', 1.0):.4f}x) in {results[fmt]['buckets']} buckets"
         )
         assert m["probe_gap_max"] <= PROBE_TOLERANCE[fmt], report[-1]
+        expected = {"bf16": 1.0, "nvfp4": 0.28125, "fp8": 0.5, "int8": 0.5}[fmt]  # vs bf16; + per-row/block scales
+        assert m.get("sync_quantized_vs_bf16", 1.0) == pytest.approx(expected, abs=0.02 if expected == 0.5 else 1e-3)
     print("\n" + "\n".join(report))
-    bf16 = results["bf16"]["metrics"]["sync_bytes"]
-    assert results["nvfp4"]["metrics"]["sync_quantized_vs_bf16"] == pytest.approx(0.28125, abs=1e-3)
-    for fmt in ("fp8", "int8"):
-        assert results[fmt]["metrics"]["sync_quantized_vs_bf16"] == pytest.approx(0.5, abs=0.02)
-    assert results["nvfp4"]["metrics"]["sync_bytes"] < results["fp8"]["metrics"]["sync_bytes"] < bf16
-    victim, message = results["bf16"]["corruption"]
+    victim, message = results[REFIT_FORMATS[0]]["corruption"]
     assert "corrupted in transit" in message and victim in message
     # the probe gate fires on an engine that kept its old weights (sync.probe_tolerance at the format default)
-    stale = results["bf16"]["stale"]
+    stale = results[REFIT_FORMATS[0]]["stale"]
     assert stale is not None and "logprob probe" in stale and "did not load what the learner sent" in stale, stale
+
+
+def test_streams_shrink_with_the_format(tp1_stream):
+    """Wire bytes per sync: NVFP4 < FP8 = INT8 < bf16 (no engine needed: the bytes are the stream's)."""
+    size = {fmt: sum(raw.numel() * raw.element_size() for _, _, raw in tp1_stream[fmt].values()) for fmt in FORMATS}
+    assert size["nvfp4"] < size["fp8"] < size["bf16"] and size["fp8"] == pytest.approx(size["int8"], rel=0.02)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from e2e_utils import qrl_train, read_metrics
+
+from qrl_megatron.learner.resume import CheckpointStore
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[1]
 REQUIRED_METRICS = (
     "step", "reward_mean", "accuracy", "time_rollout_s", "time_train_s", "sync_seconds", "rollout_tokens_per_s",
     "entropy", "logprob_diff_abs_mean",
@@ -21,32 +20,10 @@ REQUIRED_METRICS = (
 MAX_LOGPROB_GAP = 0.05
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Shared by the runs of this module so the warm-start is trained once."""
-    return tmp_path_factory.mktemp("qrl-cache")
-
-
-def qrl_train(run_dir: Path, cache_dir: Path, *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "qrl_megatron.cli", "configs/tiny_cpu.yaml",
-        f"run.dir={run_dir}", f"run.cache_dir={cache_dir}", "run.progress=false",
-        "task.num_train=600", "warmstart.steps=40", "rollout.prompts_per_step=8", *overrides,
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
-    assert result.returncode == 0, f"qrl-train failed ({result.returncode}):\n{result.stderr[-6000:]}"
-    return result
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_default_recipe_trains_and_writes_outputs(tmp_path: Path, cache_dir: Path) -> None:
-    run_dir = tmp_path / "run"
-    qrl_train(run_dir, cache_dir, "trainer.max_steps=3")
+def test_default_recipe_trains_and_writes_outputs(reference_run: Path) -> None:
+    run_dir = reference_run  # the default recipe, 4 steps, a checkpoint every 2 (tests/conftest.py)
     rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for row in rows:
         assert set(REQUIRED_METRICS) <= row.keys()
         assert 0.0 <= row["reward_mean"] <= 1.0
@@ -57,6 +34,7 @@ def test_default_recipe_trains_and_writes_outputs(tmp_path: Path, cache_dir: Pat
     evals = json.loads((run_dir / "eval.json").read_text())
     assert {"before", "after", "improvement"} <= evals.keys()
     assert evals["before"]["num_problems"] == 200
+    assert CheckpointStore(run_dir / "checkpoints").steps() == [2, 4]  # trainer.save_every=2, keep_checkpoints=2
     assert (run_dir / "checkpoint" / "COMPLETE").is_file()
     assert not (run_dir / "checkpoint.partial").exists()
     meta = json.loads((run_dir / "checkpoint" / "meta.json").read_text())  # what qrl-export needs
@@ -68,21 +46,12 @@ def test_default_recipe_trains_and_writes_outputs(tmp_path: Path, cache_dir: Pat
     assert any((run_dir / "tb").glob("events.out.tfevents.*"))
 
 
-def test_self_launched_tensor_parallel_run(tmp_path: Path, cache_dir: Path) -> None:
-    """`qrl-train ... learner.tp=2` starts its own two learner processes (torchrun-style) on one machine."""
-    run_dir = tmp_path / "tp2"
-    qrl_train(run_dir, cache_dir, "learner.tp=2", "trainer.max_steps=2", "trainer.checkpoint=false")
-    rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2]
-    assert all(0.0 < r["logprob_diff_abs_mean"] < MAX_LOGPROB_GAP for r in rows)
-    assert json.loads((run_dir / "config.json").read_text())["learner"]["tp"] == 2
-
-
-def test_tp2_pp2_learner_trains_an_nvfp4_engine_through_the_bridge(tmp_path: Path, cache_dir: Path) -> None:
-    """The bridge's acceptance command: `qrl-train <default> learner.tp=2 learner.pp=2 rollout.quant=nvfp4`."""
+def test_tp2_pp2_learner_trains_an_nvfp4_engine_through_the_bridge(tmp_path: Path, run_cache_dir: Path) -> None:
+    """The bridge's acceptance command: `qrl-train <default> learner.tp=2 learner.pp=2 rollout.quant=nvfp4`, which
+    starts its own four learner processes (torchrun-style) on one machine."""
     run_dir = tmp_path / "tp2pp2-nvfp4"
     qrl_train(
-        run_dir, cache_dir, "learner.tp=2", "learner.pp=2", "rollout.quant=nvfp4", "trainer.max_steps=2",
+        run_dir, run_cache_dir, "learner.tp=2", "learner.pp=2", "rollout.quant=nvfp4", "trainer.max_steps=2",
         "sync.probe_every=1", "trainer.checkpoint=false",
         # and the quantized-RL machinery on top: QuRL ACR + invariant scaling (default s=1.5), a k3 KL to the frozen
         # reference policy, QeRL AQN (2 stages: step 2's rollout is noisy)
@@ -103,3 +72,4 @@ def test_tp2_pp2_learner_trains_an_nvfp4_engine_through_the_bridge(tmp_path: Pat
     evals = json.loads((run_dir / "eval.json").read_text())
     assert evals["initial_sync"]["probe_gap_mean"] <= 0.05
     assert (run_dir / "rollout_model_nvfp4" / "config.json").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["learner"]["tp"] == 2

@@ -236,32 +236,34 @@ def _family_dir(tmp_path_factory: pytest.TempPathFactory, family: str) -> Path:
     return build_family_model(family, tmp_path_factory.mktemp(f"family-{family}") / "model")
 
 
-# qwen2 (tied) through every layout kind; the other families through the one that combines both splits.
-EXPORT_LAYOUTS = {
-    "qwen2": [(1, 1), (2, 1), (2, 2)],
-    "qwen2.5": [(1, 1), (2, 2)],
-    "qwen3": [(1, 1), (2, 2)],
-    "llama3": [(1, 1), (2, 2)],
-}
+EXPORT_FAMILIES = ["qwen2", "qwen2.5", "qwen3", "llama3"]
+EXPORT_LAYOUTS = [(1, 1), (2, 1), (2, 2)]
+SHARD_BYTES = 40_000  # several shards, so shard boundaries are compared too
+
+
+@pytest.fixture(scope="module")
+def layout_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict[tuple[int, int], Path]]]:
+    """family -> (model folder, layout -> exported folder); one launch per layout, every family in it."""
+    models = {family: _family_dir(tmp_path_factory, family) for family in EXPORT_FAMILIES}
+    out = tmp_path_factory.mktemp("layout-exports")
+    folders: dict[str, dict[tuple[int, int], Path]] = {family: {} for family in EXPORT_FAMILIES}
+    for tp, pp in EXPORT_LAYOUTS:
+        jobs = [(str(models[f]), str(out / f / f"tp{tp}pp{pp}")) for f in EXPORT_FAMILIES]
+        results = run_distributed(export_worker, tp * pp, tp, pp, jobs, SHARD_BYTES, timeout=600)
+        for family, (_, out_dir) in zip(EXPORT_FAMILIES, jobs, strict=True):
+            exported = read_folder(Path(out_dir))
+            gathered = results[0]["gathered"][out_dir]  # one gather mechanism: the collected stream is the written one
+            assert set(gathered) == set(exported) and all(torch.equal(gathered[k], exported[k]) for k in exported)
+            assert all(r["gathered"][out_dir] is None for r in results[1:])
+            folders[family][(tp, pp)] = Path(out_dir)
+    return {family: (models[family], folders[family]) for family in EXPORT_FAMILIES}
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("family", list(EXPORT_LAYOUTS))
-def test_export_is_byte_identical_across_layouts(family: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.parametrize("family", EXPORT_FAMILIES)
+def test_export_is_byte_identical_across_layouts(family: str, layout_exports: dict) -> None:
     """TP=2 / TP2xPP2 exports of the same weights are the TP=1 export, file for file, byte for byte."""
-    model_dir = _family_dir(tmp_path_factory, family)
-    out = tmp_path_factory.mktemp(f"export-{family}")
-    shard_bytes = 40_000  # several shards, so shard boundaries are compared too
-    folders = {}
-    for tp, pp in EXPORT_LAYOUTS[family]:
-        folders[(tp, pp)] = out / f"tp{tp}pp{pp}"
-        results = run_distributed(
-            export_worker, tp * pp, tp, pp, str(model_dir), str(folders[(tp, pp)]), shard_bytes, timeout=300
-        )
-        exported = read_folder(folders[(tp, pp)])
-        gathered = results[0]["gathered"]  # one gather mechanism: the collected stream is the written one
-        assert set(gathered) == set(exported) and all(torch.equal(gathered[k], exported[k]) for k in exported)
-        assert all(r["gathered"] is None for r in results[1:])
+    model_dir, folders = layout_exports[family]
     reference = folders[(1, 1)]
     files = sorted(p.name for p in reference.iterdir())
     assert len([f for f in files if f.endswith(".safetensors")]) > 2

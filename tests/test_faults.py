@@ -8,7 +8,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 from _fault_workers import nan_step_worker
 from dist_utils import run_distributed
+from e2e_utils import REFERENCE, REPO, qrl_train_command
 
 from qrl_megatron.learner.resume import EXIT_PREEMPTED, CheckpointStore
 from qrl_megatron.models.base import load_hf_weights
@@ -37,18 +37,8 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_everywhere_and_leaves_weig
 # ---------------------------------------------------------------------------------------------------------------
 # kill -9 and preemption of a real `qrl-train` run, resumed with the same command
 
-REPO = Path(__file__).resolve().parents[1]
 # wall-clock fields differ between any two runs; everything else must be bit-identical after a resume
 WALL_CLOCK = ("time", "seconds", "per_s", "gbps")
-
-
-def _command(run_dir: Path, cache_dir: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "qrl_megatron.cli", "configs/tiny_cpu.yaml",
-        f"run.dir={run_dir}", f"run.cache_dir={cache_dir}", "run.progress=false", "task.num_train=600",
-        "warmstart.steps=40", "rollout.prompts_per_step=8", "trainer.max_steps=4", "trainer.save_every=2",
-        "trainer.checkpoint=false",
-    ]  # fmt: skip
 
 
 def _wait_for(predicate, process: subprocess.Popen, what: str, timeout: float = 400) -> None:
@@ -79,21 +69,20 @@ def _engine_core(trainer_pid: int) -> psutil.Process | None:
 
 
 @pytest.mark.e2e
-def test_engine_kill_kill_9_and_preemption_leave_the_run_bit_identical(tmp_path):
-    """An uninterrupted run vs one whose engine core is SIGKILLed during step 2 (restarted, re-synced, step
-    retried), whose trainer is SIGKILLed after the step-2 checkpoint, resumed, preempted by SIGUSR1 (checkpoint,
-    exit 75) and resumed again: the same metrics (but wall-clock ones) and final weights, bit for bit."""
-    cache = tmp_path / "cache"
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+def test_engine_kill_kill_9_and_preemption_leave_the_run_bit_identical(tmp_path, reference_run, run_cache_dir):
+    """The uninterrupted reference run vs the same command whose engine core is SIGKILLed during step 2 (restarted,
+    re-synced, step retried), whose trainer is SIGKILLed after the step-2 checkpoint, resumed, preempted by SIGUSR1
+    (checkpoint, exit 75) and resumed again: the same metrics (but wall-clock ones) and final weights, bit for bit."""
+    reference, interrupted = reference_run, tmp_path / "interrupted"
+    command = qrl_train_command(interrupted, run_cache_dir, *REFERENCE)
     env = os.environ.copy()
-    subprocess.run(_command(reference, cache), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
     logs: list[Path] = []
 
     def start() -> subprocess.Popen:
         logs.append(tmp_path / f"attempt{len(logs)}.log")
         with logs[-1].open("w") as log:  # a file, not a pipe: a full pipe would block the trainer
             return subprocess.Popen(
-                _command(interrupted, cache), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
 
@@ -130,11 +119,12 @@ def test_engine_kill_kill_9_and_preemption_leave_the_run_bit_identical(tmp_path)
 
 
 @pytest.mark.e2e
-def test_consecutive_non_finite_steps_stop_the_run_with_one_line(tmp_path):
-    command = _command(tmp_path / "run", tmp_path / "cache") + [
-        "reward.fn=fault_rewards:huge_reward", "trainer.max_skipped_steps=2", "trainer.save_every=0",
-        "algo.dynamic_sampling=false",
-    ]  # fmt: skip
+def test_consecutive_non_finite_steps_stop_the_run_with_one_line(tmp_path, run_cache_dir):
+    command = qrl_train_command(
+        tmp_path / "run", run_cache_dir, "trainer.max_steps=4", "reward.fn=fault_rewards:huge_reward",
+        "trainer.max_skipped_steps=2", "trainer.save_every=0", "algo.dynamic_sampling=false",
+        "trainer.checkpoint=false",
+    )  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stderr[-3000:]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qrl_megatron.config import RolloutConfig
-
 pytestmark = pytest.mark.e2e
 
 TEMPERATURE = 0.7
@@ -26,13 +24,9 @@ def hf_model(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    from qrl_megatron.rollout.vllm_engine import VLLMEngine
-
-    eng = VLLMEngine(str(tiny_model_dir), RolloutConfig(kv_cache_mib=64), seed=0, max_model_len=64)
-    yield eng
-    eng.close()
+@pytest.fixture
+def engine(tiny_engine):
+    return tiny_engine  # tests/conftest.py: one engine per session, the tiny model's weights reloaded per test
 
 
 def test_groups_and_processed_logprobs(engine, hf_model) -> None:

@@ -41,24 +41,19 @@ def _max_gap(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
 
 
-@pytest.fixture(scope="module")
-def colocated(tiny_model_dir):
-    """What the colocated engine produces on the same model (computed first, then the engine is closed)."""
-    from qrl_megatron.rollout.vllm_engine import VLLMEngine
-
-    eng = VLLMEngine(str(tiny_model_dir), _cfg(), seed=0, max_model_len=MAX_MODEL_LEN)
-    try:
-        return {
-            "greedy": eng.greedy(PROMPTS, max_new_tokens=8),
-            "sampled": eng.generate(PROMPTS, n=3, temperature=1.0, max_new_tokens=6, step=2),
-            "probes": eng.prompt_logprobs(PROBES),
-        }
-    finally:
-        eng.close()
+@pytest.fixture
+def colocated(tiny_engine):
+    """What the colocated engine (the session's, tests/conftest.py; same config) produces on the same model."""
+    assert tiny_engine.cfg == _cfg() and tiny_engine.seed == 0
+    return {
+        "greedy": tiny_engine.greedy(PROMPTS, max_new_tokens=8),
+        "sampled": tiny_engine.generate(PROMPTS, n=3, temperature=1.0, max_new_tokens=6, step=2),
+        "probes": tiny_engine.prompt_logprobs(PROBES),
+    }
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, colocated):
+def server(tiny_model_dir):
     from qrl_megatron.rollout.server_engine import VLLMServerEngine
 
     start = time.perf_counter()
