@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from _bridge_dist_workers import refit_worker, stream_worker
+from _bridge_dist_workers import layouts_stream_worker, refit_worker, stream_worker
 from dist_utils import run_distributed
 
 pytestmark = pytest.mark.dist
@@ -31,10 +31,18 @@ def tp1_stream(tiny_model_dir):
     return run_distributed(stream_worker, 1, 1, 1, 1, str(tiny_model_dir), FORMATS, timeout=600)[0]
 
 
-@pytest.mark.parametrize("layout", [(2, 2, 1), (2, 1, 2), (1, 2, 2)], ids=["tp2pp2", "tp2dp2", "pp2dp2"])
-def test_streamed_bytes_do_not_depend_on_the_learner_layout(tiny_model_dir, tp1_stream, layout):
-    tp, pp, dp = layout
-    other = run_distributed(stream_worker, tp * pp * dp, tp, pp, dp, str(tiny_model_dir), FORMATS, timeout=600)[0]
+LAYOUTS = [(2, 2, 1), (2, 1, 2), (1, 2, 2)]  # TP x PP x DP on four ranks
+
+
+@pytest.fixture(scope="module")
+def layout_streams(tiny_model_dir):
+    """layout -> what rank 0 streams in every format; one launch of four ranks for all three layouts."""
+    return run_distributed(layouts_stream_worker, 4, LAYOUTS, str(tiny_model_dir), FORMATS, timeout=900)[0]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["tp2pp2", "tp2dp2", "pp2dp2"])
+def test_streamed_bytes_do_not_depend_on_the_learner_layout(tp1_stream, layout_streams, layout):
+    other = layout_streams[layout]
     for fmt in FORMATS:
         reference, got = tp1_stream[fmt], other[fmt]
         assert list(got) == list(reference), fmt  # same tensors, same order

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _learner_dist_workers import update_worker
+from _learner_dist_workers import layouts_update_worker, update_worker
 from dist_utils import run_distributed
 
 LAYOUTS = {"tp2": (2, 1, 1), "pp2": (1, 2, 1), "dp2": (1, 1, 2), "tp2pp2": (2, 2, 1)}
@@ -22,13 +22,25 @@ def reference(tiny_model_dir):
     return _collect(run_distributed(update_worker, 1, 1, 1, 1, str(tiny_model_dir), 4, timeout=180), 1)
 
 
+@pytest.fixture(scope="module")
+def layout_results(tiny_model_dir) -> dict[tuple[int, int, int], list[dict]]:
+    """layout -> per-rank results; one launch per world size, its layouts one after the other."""
+    by_world: dict[int, list[tuple[int, int, int]]] = {}
+    for tp, pp, dp in LAYOUTS.values():
+        by_world.setdefault(tp * pp * dp, []).append((tp, pp, dp))
+    out: dict[tuple[int, int, int], list[dict]] = {}
+    for world, layouts in by_world.items():
+        per_rank = run_distributed(layouts_update_worker, world, layouts, str(tiny_model_dir), 2, timeout=480)
+        out.update({layout: [r[layout] for r in per_rank] for layout in layouts})
+    return out
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_update_is_layout_invariant(name, reference, tiny_model_dir):
+def test_update_is_layout_invariant(name, reference, layout_results):
     tp, pp, dp = LAYOUTS[name]
     ref_losses, ref_logprobs, ref_weights = reference
-    results = run_distributed(update_worker, tp * pp * dp, tp, pp, dp, str(tiny_model_dir), 2, timeout=240)
-    losses, logprobs, weights = _collect(results, dp)
+    losses, logprobs, weights = _collect(layout_results[(tp, pp, dp)], dp)
     # same global loss (token mean over all DP ranks and micro-batches), before and after the first update
     assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
     assert ref_losses[0] != pytest.approx(ref_losses[1], abs=1e-6), "the update changed nothing"

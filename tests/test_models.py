@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _models_dist_workers import example_batch, layout_worker, load_hf_weights
+from _models_dist_workers import example_batch, layouts_worker, load_hf_weights
 from dist_utils import run_distributed
 
 from qrl_megatron.models.hf_mapping import (
@@ -359,11 +359,25 @@ def test_tp1_gather_returns_loaded_weights(megatron_tp1):
         load_hf_state_dict(megatron_tp1["model"], broken, spec, layout)
 
 
+LAYOUTS = [(2, 1), (1, 2), (2, 2)]
+
+
+@pytest.fixture(scope="module")
+def layout_results(tiny_model_dir) -> dict[tuple[int, int], list[dict]]:
+    """(tp, pp) -> per-rank results; one launch per world size, its layouts one after the other."""
+    out: dict[tuple[int, int], list[dict]] = {}
+    for world in sorted({tp * pp for tp, pp in LAYOUTS}):
+        layouts = [(tp, pp) for tp, pp in LAYOUTS if tp * pp == world]
+        per_rank = run_distributed(layouts_worker, world, layouts, str(tiny_model_dir), timeout=360)
+        out.update({layout: [r[layout] for r in per_rank] for layout in layouts})
+    return out
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2pp2"])
-def test_layouts_match_tp1(tp, pp, megatron_tp1, tiny_model_dir):
+@pytest.mark.parametrize(("tp", "pp"), LAYOUTS, ids=["tp2", "pp2", "tp2pp2"])
+def test_layouts_match_tp1(tp, pp, megatron_tp1, layout_results):
     world = tp * pp
-    results = run_distributed(layout_worker, world, tp, pp, str(tiny_model_dir), timeout=180)
+    results = layout_results[(tp, pp)]
     ref = megatron_tp1["logits"]
     hf = megatron_tp1["hf"]
     last_stage = [r for r in results if r["layout"].is_last_stage]
