@@ -82,9 +82,6 @@ class EngineWatchdog:
         self._stop.set()
 
 
-CPU_SHUTDOWN_GRACE_S = 1.0
-
-
 class VLLMEngine:
     def __init__(self, model_dir: str, cfg: RolloutConfig, seed: int, max_model_len: int) -> None:
         from vllm import LLM
@@ -208,10 +205,8 @@ class VLLMEngine:
         engine = getattr(self.llm, "llm_engine", None)
         shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
         if callable(shutdown):
-            from vllm.platforms import current_platform
-
-            # vLLM's default grace before it kills the engine core is 5 s, and a CPU engine uses all of it (its
-            # core waits ~3.5 s for its worker, then more; vLLM 0.32), at every run's end and engine restart. A
-            # CPU engine has no device memory to hand back, and its worker exits by itself when the core is gone.
-            shutdown(timeout=CPU_SHUTDOWN_GRACE_S if current_platform.is_cpu() else None)
+            # vLLM's default 5 s grace, which a CPU engine core uses up (vLLM 0.32). A shorter one (1 s, tried)
+            # kills the core before it unlinks its worker queue's shared memory, and every run then ends with
+            # Python's "leaked shared_memory objects" warning.
+            shutdown()
         del self.llm
