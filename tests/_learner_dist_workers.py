@@ -60,14 +60,6 @@ def update_worker(rank: int, world_size: int, tp: int, pp: int, dp: int, model_d
     }
 
 
-def layouts_update_worker(
-    rank: int, world_size: int, layouts: list[tuple[int, int, int]], model_dir: str, micro_batch_size: int
-) -> dict:
-    """`update_worker` for several layouts of one world size in one process group (init_distributed rebuilds
-    megatron's parallel state for each): a launch of the ranks costs more than the updates."""
-    return {layout: update_worker(rank, world_size, *layout, model_dir, micro_batch_size) for layout in layouts}
-
-
 def direction_worker(rank: int, world_size: int, model_dir: str) -> dict:
     """One GRPO step: how the sequence logprobs of positive- and negative-advantage samples move."""
     layout = init_distributed(1, 1, 1, seed=0)

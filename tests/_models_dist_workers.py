@@ -60,12 +60,6 @@ def pipeline_logits(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor
     return torch.cat([o["logits"] for o in outputs], dim=0)
 
 
-def layouts_worker(rank: int, world_size: int, layouts: list[tuple[int, int]], model_dir: str) -> dict:
-    """`layout_worker` for several TP x PP layouts of one world size in one process group (init_distributed rebuilds
-    megatron's parallel state for each): a launch of the ranks costs more than the forward."""
-    return {layout: layout_worker(rank, world_size, *layout, model_dir) for layout in layouts}
-
-
 def layout_worker(rank: int, world_size: int, tp: int, pp: int, model_dir: str) -> dict:
     """Load the tiny HF model on a TP x PP layout; return logits (last stage) and gathered weights (rank 0)."""
     from qrl_megatron.learner.model import build_gpt_model, gather_hf_state_dict, load_hf_state_dict

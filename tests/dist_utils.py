@@ -16,23 +16,25 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["WorkerError", "free_port", "run_distributed"]
+from qrl_megatron.utils.net import free_port
+
+__all__ = ["WorkerError", "each_layout", "free_port", "run_distributed"]
 
 
 class WorkerError(RuntimeError):
     """A distributed worker failed; the message carries its traceback."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def each_layout(rank: int, world_size: int, fn: Callable[..., Any], layouts: list[tuple], *args: Any) -> dict:
+    """``fn(rank, world_size, *layout, *args)`` for each layout, in one process group: pass it to
+    ``run_distributed`` with several layouts of the same world size (``init_distributed`` rebuilds megatron's
+    parallel state for each), since launching the ranks costs more than the work. Returns layout -> fn's value."""
+    return {layout: fn(rank, world_size, *layout, *args) for layout in layouts}
 
 
 def _worker(

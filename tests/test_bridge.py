@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-from _bridge_dist_workers import layouts_stream_worker, refit_worker, stream_worker
-from dist_utils import run_distributed
+from _bridge_dist_workers import refit_worker, stream_worker
+from dist_utils import each_layout, run_distributed
 
 pytestmark = pytest.mark.dist
 
@@ -37,7 +37,7 @@ LAYOUTS = [(2, 2, 1), (2, 1, 2), (1, 2, 2)]  # TP x PP x DP on four ranks
 @pytest.fixture(scope="module")
 def layout_streams(tiny_model_dir):
     """layout -> what rank 0 streams in every format; one launch of four ranks for all three layouts."""
-    return run_distributed(layouts_stream_worker, 4, LAYOUTS, str(tiny_model_dir), FORMATS, timeout=900)[0]
+    return run_distributed(each_layout, 4, stream_worker, LAYOUTS, str(tiny_model_dir), FORMATS, timeout=900)[0]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["tp2pp2", "tp2dp2", "pp2dp2"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _learner_dist_workers import layouts_update_worker, update_worker
-from dist_utils import run_distributed
+from _learner_dist_workers import update_worker
+from dist_utils import each_layout, run_distributed
 
 LAYOUTS = {"tp2": (2, 1, 1), "pp2": (1, 2, 1), "dp2": (1, 1, 2), "tp2pp2": (2, 2, 1)}
 
@@ -30,7 +30,7 @@ def layout_results(tiny_model_dir) -> dict[tuple[int, int, int], list[dict]]:
         by_world.setdefault(tp * pp * dp, []).append((tp, pp, dp))
     out: dict[tuple[int, int, int], list[dict]] = {}
     for world, layouts in by_world.items():
-        per_rank = run_distributed(layouts_update_worker, world, layouts, str(tiny_model_dir), 2, timeout=480)
+        per_rank = run_distributed(each_layout, world, update_worker, layouts, str(tiny_model_dir), 2, timeout=480)
         out.update({layout: [r[layout] for r in per_rank] for layout in layouts})
     return out
 

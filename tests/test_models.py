@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _models_dist_workers import example_batch, layouts_worker, load_hf_weights
-from dist_utils import run_distributed
+from _models_dist_workers import example_batch, layout_worker, load_hf_weights
+from dist_utils import each_layout, run_distributed
 
 from qrl_megatron.models.hf_mapping import (
     hf_to_megatron,
@@ -368,7 +368,7 @@ def layout_results(tiny_model_dir) -> dict[tuple[int, int], list[dict]]:
     out: dict[tuple[int, int], list[dict]] = {}
     for world in sorted({tp * pp for tp, pp in LAYOUTS}):
         layouts = [(tp, pp) for tp, pp in LAYOUTS if tp * pp == world]
-        per_rank = run_distributed(layouts_worker, world, layouts, str(tiny_model_dir), timeout=360)
+        per_rank = run_distributed(each_layout, world, layout_worker, layouts, str(tiny_model_dir), timeout=360)
         out.update({layout: [r[layout] for r in per_rank] for layout in layouts})
     return out
 
