@@ -101,6 +101,26 @@ class QRLConfig:
                 f"algo.overlong_buffer={self.algo.overlong_buffer} must be smaller than "
                 f"rollout.max_new_tokens={self.rollout.max_new_tokens}"
             )
+        lora = self.learner.lora
+        if lora.enabled:
+            # QeRL: learner and engine hold the same base (bf16, or the same NVFP4 codes), only the adapter moves
+            if self.rollout.quant != self.learner.base_format:
+                raise ConfigError(
+                    f"rollout.quant={self.rollout.quant} with learner.lora.rank > 0: the engine must serve the base "
+                    f"the learner holds (learner.base_format={self.learner.base_format}); set them equal"
+                )
+            if self.algo.kl_coef > 0:
+                raise ConfigError("algo.kl_coef > 0 is not supported with learner.lora.rank > 0 (QeRL uses no KL)")
+            if self.sync.method != "bridge":
+                raise ConfigError("sync.method must be 'bridge' with learner.lora.rank > 0 (the adapter sync)")
+            if self.trainer.save_every or self.trainer.checkpoint:
+                raise ConfigError(
+                    "trainer.save_every / trainer.checkpoint: LoRA runs are not resumable yet (their result is the "
+                    "PEFT adapter in run.dir/adapter and the merged model in run.dir/final); set "
+                    "trainer.save_every=0 trainer.checkpoint=false"
+                )
+            if self.rollout.tp != 1:
+                raise ConfigError("rollout.tp must be 1 with learner.lora.rank > 0 (the in-memory adapter swap)")
         if self.warmstart.batch_size % self.learner.dp:
             raise ConfigError(f"warmstart.batch_size must be divisible by learner.dp={self.learner.dp}")
         warm_per_rank = self.warmstart.batch_size // self.learner.dp

@@ -26,6 +26,7 @@ import torch
 from te_ext import fp8, int8, mxfp4, nvfp4
 from te_ext._common import FORMATS
 from te_ext.formats import ROLLOUT_FORMATS, FormatDescriptor, format_descriptor, split_quantize_options
+from te_ext.frozen import dequantize_nvfp4_checkpoint, frozen_linear
 from te_ext.qtensor import QuantizedTensor
 
 __all__ = [
@@ -34,8 +35,10 @@ __all__ = [
     "FormatDescriptor",
     "QuantizedTensor",
     "dequantize",
+    "dequantize_nvfp4_checkpoint",
     "fake_quantize",
     "format_descriptor",
+    "frozen_linear",
     "global_amax",
     "quantize",
     "quantize_activation_per_token",

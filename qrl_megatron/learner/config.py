@@ -4,9 +4,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qrl_megatron.config_fields import check_choice, check_positive, check_range, doc
+from qrl_megatron.config_fields import ConfigError, check_choice, check_positive, check_range, doc
+from qrl_megatron.lora.adapter import DEFAULT_TARGETS, MODULE_PATHS, AdapterSpec
 
-__all__ = ["LearnerConfig", "WarmStartConfig"]
+__all__ = ["LearnerConfig", "LoRAConfig", "WarmStartConfig"]
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = doc(0, "LoRA rank r (0: full-parameter training; > 0: QeRL mode, the base is frozen)")
+    alpha: float = doc(32.0, "LoRA alpha; the adapter's output is scaled by alpha / rank")
+    dropout: float = doc(0.0, "dropout on the adapter's input (PEFT's lora_dropout)")
+    targets: list[str] = doc(
+        text="HF linears that get an adapter (default: the seven of QeRL)", factory=lambda: list(DEFAULT_TARGETS)
+    )
+    train_norms: bool = doc(
+        False, "also train the per-layer RMSNorm weights (QeRL's scripts do); they stream each step"
+    )
+
+    def validate(self, prefix: str = "learner.lora") -> None:
+        check_positive(f"{prefix}.rank", self.rank, allow_zero=True)
+        check_positive(f"{prefix}.alpha", self.alpha)
+        check_range(f"{prefix}.dropout", self.dropout, 0.0, 0.99)
+        if self.rank and not self.targets:
+            raise ConfigError(f"{prefix}.targets is empty; name at least one of {list(MODULE_PATHS)}")
+        for t in self.targets:
+            check_choice(f"{prefix}.targets", t, tuple(MODULE_PATHS))
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"{prefix}.targets={self.targets} names a module twice")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def adapter(self) -> AdapterSpec:
+        return AdapterSpec(self.rank, self.alpha, tuple(self.targets), self.dropout, self.train_norms)
 
 
 @dataclass
@@ -44,8 +76,26 @@ class LearnerConfig:
     micro_batch_size: int = doc(32, "sequences per micro-batch on one DP rank")
     distributed_optimizer: bool = doc(False, "shard optimizer state over DP (Megatron DistributedOptimizer)")
     threads: int = doc(0, "torch threads per learner process (0 = cores / processes)")
+    lora: LoRAConfig = doc(text="LoRA adapters on a frozen base (QeRL mode)", factory=LoRAConfig)
+    base_format: str = doc(
+        "bf16",
+        "how the frozen base is held with LoRA: bf16 (dense, learner.precision dtype) or nvfp4 (the rollout "
+        "engine's NVFP4 codes, decoded on the fly; needs rollout.quant=nvfp4)",
+    )
 
     def validate(self, prefix: str = "learner") -> None:
+        self.lora.validate(f"{prefix}.lora")
+        check_choice(f"{prefix}.base_format", self.base_format, ("bf16", "nvfp4"))
+        if self.base_format != "bf16" and not self.lora.enabled:
+            raise ConfigError(
+                f"{prefix}.base_format={self.base_format} freezes the base, which only LoRA training allows; "
+                f"set {prefix}.lora.rank > 0 (QeRL mode) or {prefix}.base_format=bf16"
+            )
+        if self.lora.enabled and self.precision not in ("fp32", "bf16"):
+            raise ConfigError(
+                f"{prefix}.precision={self.precision} with {prefix}.lora.rank > 0: the LoRA learner computes in "
+                "fp32 or bf16 (the frozen base is quantized by learner.base_format)"
+            )
         for key in ("tp", "pp", "dp", "micro_batch_size"):
             check_positive(f"{prefix}.{key}", getattr(self, key))
         check_choice(f"{prefix}.precision", self.precision, ("fp32", "bf16", "fp8", "nvfp4"))

@@ -84,11 +84,16 @@ class Learner:
         seq_length: int,
         temperature: float = 1.0,
         trainable: bool = True,
+        *,
+        frozen_base: Any = None,
+        seed: int = 0,
     ) -> None:
         """``weights``: the HF weights to start from, best a lazy
         :class:`~qrl_megatron.models.checkpoint_reader.CheckpointReader` (this rank then reads only its own shard
         from the files) or an in-memory HF state dict. ``trainable=False``: a frozen copy (the KL reference policy)
-        -- no gradients, no optimizer state."""
+        -- no gradients, no optimizer state. With ``cfg.lora.rank > 0`` (QeRL mode) the loaded model is frozen and
+        only the adapter (``seed`` draws its initial ``A``) and optionally the norms train; ``frozen_base``: the
+        NVFP4 checkpoint whose codes replace the dense linears (``cfg.base_format=nvfp4``)."""
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
@@ -103,12 +108,31 @@ class Learner:
         # megatron's CPU initialisation builds each weight's FULL fp32 master copy first -- for a 0.5B model's
         # embedding 545 MB on every rank, more than the rank's whole bf16 shard at TP=2. The flag is restored so
         # that modules added later (adapters, precision wrappers) initialise as usual.
+        lora = cfg.lora.enabled
         module = build_gpt_model(
-            spec, layout, params_dtype=self.params_dtype, config_overrides={"perform_initialization": False}
+            spec,
+            layout,
+            params_dtype=self.params_dtype,
+            config_overrides={"perform_initialization": False},
+            # the adapter wraps Megatron's own column/row-parallel linears (TE's fuse the norm into linear_qkv)
+            use_te=False if lora else None,
         )
         module.config.perform_initialization = True
         self.te_recipe = apply_precision(module, cfg.precision)  # fp8/nvfp4: TE recipe on GPU, else emulation
         load_hf_state_dict(module, weights, spec, layout)
+        if lora:
+            from qrl_megatron.lora.layers import apply_lora
+
+            if cfg.base_format == "nvfp4" and frozen_base is None:
+                raise ValueError("learner.base_format=nvfp4 needs the NVFP4 checkpoint of the base (frozen_base)")
+            apply_lora(
+                module,
+                spec,
+                layout,
+                cfg.lora.adapter(),
+                seed=seed,
+                frozen_base=frozen_base if cfg.base_format == "nvfp4" else None,
+            )
         if not trainable:
             module.requires_grad_(False)  # DDP then allocates no gradient buffers for it
         self.config = module.config
