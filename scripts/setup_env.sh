@@ -10,8 +10,8 @@ CONSTRAINTS="$ROOT/scripts/constraints-cpu.txt"
 
 # The editable install records pyproject.toml's entry points (qrl-train, the vLLM plugin): refresh it when they change.
 PROJECT_HASH="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
-# A venv made before a dependency was added (math_verify) fails the import probe and takes the full, idempotent path.
-if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import torch, vllm, megatron.core, math_verify, qrl_megatron, te_ext" 2>/dev/null; then
+# A venv made before a dependency was added (math_verify, peft) fails the import probe and takes the full, idempotent path.
+if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import torch, vllm, megatron.core, math_verify, peft, qrl_megatron, te_ext" 2>/dev/null; then
   if [[ "$(cat "$STAMP")" != "$PROJECT_HASH" ]]; then
     "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps -e "$ROOT"
     echo "$PROJECT_HASH" > "$STAMP"
@@ -32,10 +32,10 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -c "$CONSTRAI
 "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps --ignore-requires-python "megatron-core==0.19.2"
 # math-verify: pure Python (sympy, latex2sympy2_extended); its antlr4_13_2 extra installs the ANTLR runtime of the
 # version its generated LaTeX parser is built for (latex2sympy2_extended alone only bounds it, 4.9.3-4.13.2).
-"${PIP[@]}" -q "omegaconf>=2.3" "datasets>=3" "math-verify[antlr4_13_2]>=0.8" tensorboard pytest pytest-timeout ruff mypy matplotlib
+"${PIP[@]}" -q "omegaconf>=2.3" "datasets>=3" "math-verify[antlr4_13_2]>=0.8" "peft==0.21.0" tensorboard pytest pytest-timeout ruff mypy matplotlib
 "${PIP[@]}" -q --no-deps -e "$ROOT"
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-"$VENV/bin/python" -c "import torch, vllm, megatron.core, transformers, datasets, omegaconf, math_verify, qrl_megatron, te_ext; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
+"$VENV/bin/python" -c "import torch, vllm, megatron.core, transformers, datasets, omegaconf, math_verify, peft, qrl_megatron, te_ext; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
   || { echo "[setup] FAILED: the stack does not import; see the messages above" >&2; exit 1; }
 # Optional: nemo-run for launch/local.py and launch/slurm.py (QRL_INSTALL_LAUNCH=1). nemo-run 0.11.1 needs
 # leptonai==0.27.3 to import; leptonai pins older anyio/httpx/starlette/prometheus-fastapi-instrumentator/cloudpickle
