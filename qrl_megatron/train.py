@@ -34,6 +34,7 @@ from qrl_megatron.learner.resume import (
     plan_resume,
 )
 from qrl_megatron.learner.warmstart import run_warmstart
+from qrl_megatron.lora.export import export_merged, write_peft_adapter
 from qrl_megatron.metrics.logger import MetricsLogger
 from qrl_megatron.models.base import load_hf_weights, load_tokenizer, prepare_base_model, sequence_length
 from qrl_megatron.models.registry import load_spec
@@ -41,8 +42,8 @@ from qrl_megatron.platform import destroy_distributed, init_distributed
 from qrl_megatron.rewards import MATH_VERIFIER
 from qrl_megatron.rewards.scorer import RewardScorer, verifier_name
 from qrl_megatron.rollout.aqn import AdaptiveQuantizationNoise
-from qrl_megatron.rollout.engine import EngineDied
-from qrl_megatron.rollout.engines import make_engine
+from qrl_megatron.rollout.engine import EngineDied, LoRAServing
+from qrl_megatron.rollout.engines import make_engine, rollout_model_dir
 from qrl_megatron.rollout.stage import RolloutDriver, RolloutResult
 
 T = TypeVar("T")
@@ -98,7 +99,23 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     if scaling.s != 1 and cfg.rollout.quant != "bf16":  # QuRL invariant scaling, once, on the weights RL starts from
         # the scaling rewrites whole tensors, so this path holds the full state dict (the lazy read does not)
         policy_weights = apply_invariant_scaling(dict(policy_weights), scaling.s, scaling.targets)
-    learner = Learner(spec, layout, cfg.learner, policy_weights, cfg.learner.lr, seq_length, cfg.rollout.temperature)
+    lora = cfg.learner.lora.enabled
+    engine_model_dir = None  # QeRL mode: the engine's base, exported once (its NVFP4 codes are the learner's base)
+    if lora:
+        if layout.rank == 0:
+            engine_model_dir = str(rollout_model_dir(cfg.rollout, cfg.run.dir, policy_dir, None))
+        engine_model_dir = _broadcast(engine_model_dir)
+    learner = Learner(
+        spec,
+        layout,
+        cfg.learner,
+        policy_weights,
+        cfg.learner.lr,
+        seq_length,
+        cfg.rollout.temperature,
+        frozen_base=load_hf_weights(engine_model_dir) if lora and cfg.learner.base_format == "nvfp4" else None,
+        seed=cfg.seed,
+    )
     reference = None  # the KL reference: a frozen copy of the policy RL starts from
     if cfg.algo.kl_coef > 0:
         reference = Learner(spec, layout, cfg.learner, policy_weights, 0.0, seq_length, cfg.rollout.temperature, False)
@@ -111,7 +128,11 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         learner_parallel=(cfg.learner.tp, cfg.learner.pp, cfg.learner.dp),
         rollout_format=cfg.rollout.quant,
         engine_tp=cfg.rollout.tp,
+        adapter=cfg.learner.lora.adapter() if lora else None,
+        send_norms=cfg.algo.aqn.enabled,  # the sync washes out AQN's noise on the engine's norms
     )
+    # QeRL mode: the engine starts with the learner's initial adapter (B = 0: the base itself), as a PEFT folder
+    initial_adapter = sync.gather(learner) if lora else None  # type: ignore[attr-defined]
     loss_fn = grpo_loss(cfg.algo, max_new_tokens=cfg.rollout.max_new_tokens)
     checkpoints = RunCheckpointer(
         CheckpointStore(Path(cfg.run.dir) / "checkpoints", cfg.trainer.keep_checkpoints), layout.rank
@@ -130,11 +151,35 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     driver: RolloutDriver | None = None
     logger: MetricsLogger | None = None
     evals: dict[str, Any] = {}
+    serving: LoRAServing | None = None
     if layout.rank == 0:
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        engine = make_engine(cfg.rollout, run_dir, cfg.seed, policy_dir, seq_length, sync.plan)
+        if lora:
+            assert initial_adapter is not None
+            serving = LoRAServing(
+                cfg.learner.lora.adapter(),
+                str(
+                    write_peft_adapter(
+                        {k: v for k, v in initial_adapter.items() if ".lora_" in k},
+                        run_dir / "adapter_initial",
+                        cfg.learner.lora.adapter(),
+                        policy_dir,
+                        spec,
+                    )
+                ),
+            )
+        engine = make_engine(
+            cfg.rollout,
+            run_dir,
+            cfg.seed,
+            policy_dir,
+            seq_length,
+            sync.plan,
+            adapter=serving,
+            model_dir=engine_model_dir,
+        )
         scorer = RewardScorer(cfg.reward, cfg.task.name)
         driver = RolloutDriver(
             engine, cfg.rollout, cfg.algo, task, seq_length, tokenizer.pad_token_id, cfg.seed, scorer, cfg.eval
@@ -163,7 +208,16 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
                 driver.engine.close()
             except Exception as err:  # noqa: BLE001 -- a dead engine may fail to close; the new one matters
                 print(f"closing the dead engine failed ({type(err).__name__}: {err}); starting a new one", flush=True)
-            driver.engine = make_engine(cfg.rollout, cfg.run.dir, cfg.seed, policy_dir, seq_length, sync.plan)
+            driver.engine = make_engine(
+                cfg.rollout,
+                cfg.run.dir,
+                cfg.seed,
+                policy_dir,
+                seq_length,
+                sync.plan,
+                adapter=serving,
+                model_dir=engine_model_dir,
+            )
         sync(learner, driver.engine if driver else None, step - 1)
         if driver:
             aqn(driver.engine, step - 1)
@@ -237,7 +291,10 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         )
     # the trained policy as a complete HF folder (config, tokenizer, sharded safetensors in the base's dtype),
     # streamed tensor by tensor to rank 0's writer; transformers, vLLM and bench/ablation.py load it
-    final = export_policy(learner.model, spec, layout, Path(cfg.run.dir) / "final", base_dir)
+    if lora:  # the PEFT adapter, and base + adapter merged into a bf16 HF folder
+        final = export_lora(learner, sync, cfg, layout.rank == 0, policy_dir, engine_model_dir)
+    else:
+        final = export_policy(learner.model, spec, layout, Path(cfg.run.dir) / "final", base_dir)
     if layout.rank == 0:
         for fmt in cfg.run.export_formats:  # quantized copies for serving, from the folder just written
             export_rollout_format(final, Path(cfg.run.dir) / f"final-{fmt}", fmt)
@@ -257,6 +314,25 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     dist.barrier()
     destroy_distributed()
     return evals or None
+
+
+def export_lora(
+    learner: Learner, sync: Any, cfg: QRLConfig, is_dst: bool, policy_dir: Path, engine_model_dir: str | None
+) -> Path:
+    """Collective: ``run.dir/adapter`` (PEFT, on the base RL started from) and ``run.dir/final`` (merged, bf16)."""
+    tensors = sync.gather(learner)
+    final = Path(cfg.run.dir) / "final"
+    if is_dst:
+        assert tensors is not None
+        adapter = cfg.learner.lora.adapter()
+        lora_tensors = {k: v for k, v in tensors.items() if ".lora_" in k}
+        norms = {k: v for k, v in tensors.items() if ".lora_" not in k} if adapter.train_norms else None
+        write_peft_adapter(lora_tensors, Path(cfg.run.dir) / "adapter", adapter, policy_dir, learner.spec)
+        nvfp4 = cfg.learner.base_format == "nvfp4"
+        base = engine_model_dir if nvfp4 and engine_model_dir else policy_dir
+        export_merged(base, final, lora_tensors, adapter, norms, base_format=cfg.learner.base_format)
+    dist.barrier()
+    return final
 
 
 def _rollout(

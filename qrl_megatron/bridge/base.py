@@ -42,16 +42,35 @@ def make_weight_sync(
     learner_parallel: tuple[int, int, int],
     rollout_format: str,
     engine_tp: int,
+    adapter: Any | None = None,
+    send_norms: bool = False,
 ) -> WeightSync:
     """The sync ``sync.method`` names, from a learner at ``learner_parallel`` = (tp, pp, dp) to an engine holding
-    ``rollout_format`` weights at TP ``engine_tp``; ``is_dst``: this rank drives the engine (and runs the probe)."""
+    ``rollout_format`` weights at TP ``engine_tp``; ``is_dst``: this rank drives the engine (and runs the probe).
+
+    ``adapter`` (an :class:`~qrl_megatron.lora.adapter.AdapterSpec`, QeRL mode): only the adapter streams
+    (:class:`~qrl_megatron.bridge.adapter_sync.AdapterSync`), with the norms too when ``send_norms`` (AQN noise on
+    the engine's norms) or when they train; the probe then compares the engine with the learner's own forward."""
+    from te_ext.formats import format_descriptor
+
+    if adapter is not None:
+        from qrl_megatron.bridge.adapter_sync import AdapterSync
+
+        return AdapterSync(
+            spec,
+            adapter,
+            probe_sequences,
+            probe_every=sync.probe_every,
+            probe_tolerance=sync.probe_tolerance or format_descriptor(rollout_format).probe_tolerance,
+            send_norms=send_norms,
+            verify_checksums=sync.verify_checksums,
+        )
     if sync.method == "full":
         from qrl_megatron.bridge.full_sync import FullWeightSync
 
         return FullWeightSync()
     from qrl_megatron.bridge.plan import build_plan
     from qrl_megatron.bridge.sync import BridgeWeightSync, LogprobProbe
-    from te_ext.formats import format_descriptor
 
     tp, pp, dp = learner_parallel
     plan = build_plan(spec, tp, pp, dp, rollout_target(sync, rollout_format, engine_tp))

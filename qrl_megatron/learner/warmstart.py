@@ -8,6 +8,7 @@ it (model, task, warm-start settings, seed) but not by the parallel layout, so e
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from qrl_megatron.algos.policy_loss import sft_loss
 from qrl_megatron.learner.batch import pack_sequences
-from qrl_megatron.learner.config import LearnerConfig, WarmStartConfig
+from qrl_megatron.learner.config import LearnerConfig, LoRAConfig, WarmStartConfig
 from qrl_megatron.learner.learner import Learner, scheduled_lr
 from qrl_megatron.models.checkpoint_reader import INDEX_NAME, SINGLE_NAME
 from qrl_megatron.models.registry import ModelSpec
@@ -101,7 +102,10 @@ def run_warmstart(
     out = warmstart_dir(cache_dir, warmstart_key(ws, learner_cfg.precision, seed, base_dir, provenance))
     if is_complete(out):
         return out
-    learner = Learner(spec, layout, learner_cfg, base_weights, lr=ws.lr, seq_length=seq_length)
+    # the warm-start is full-parameter SFT also for a LoRA run (QeRL starts RL from a fine-tuned model): the key
+    # above does not depend on learner.lora, so both modes share one cached warm-start
+    full = dataclasses.replace(learner_cfg, lora=LoRAConfig(), base_format="bf16")
+    learner = Learner(spec, layout, full, base_weights, lr=ws.lr, seq_length=seq_length)
     rng = random.Random(f"warmstart-{seed}")
     eos = tokenizer.eos_token_id
     losses = []

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from qrl_megatron.rollout.config import RolloutConfig
-from qrl_megatron.rollout.engine import RolloutEngine
+from qrl_megatron.rollout.engine import LoRAServing, RolloutEngine
 
 
 def rollout_model_dir(rollout: RolloutConfig, run_dir: str | Path, policy_dir: str | Path, plan: Any | None) -> Path:
+    """The folder the engine starts from: ``policy_dir`` (bf16), or its export in ``rollout.quant`` (every linear
+    but ``lm_head`` and the plan's bf16 exclusions; QeRL mode has no plan: every linear but ``lm_head``)."""
     if rollout.quant == "bf16":
         return Path(policy_dir)
     from te_ext.vllm_export import export_quantized_checkpoint
@@ -31,13 +33,21 @@ def make_engine(
     policy_dir: str | Path,
     max_model_len: int,
     plan: Any | None = None,
+    *,
+    adapter: LoRAServing | None = None,
+    model_dir: str | Path | None = None,
 ) -> RolloutEngine:
-    """The engine ``rollout.engine`` names, started from ``policy_dir`` (exported first when quantized)."""
-    model_dir = str(rollout_model_dir(rollout, run_dir, policy_dir, plan))
+    """The engine ``rollout.engine`` names, started from ``policy_dir`` (exported first when quantized) or from
+    ``model_dir`` (already in the rollout format); ``adapter``: QeRL mode, the LoRA adapter it serves."""
+    model_dir = str(model_dir or rollout_model_dir(rollout, run_dir, policy_dir, plan))
     if rollout.engine == "server":
         from qrl_megatron.rollout.server_engine import VLLMServerEngine
 
+        if adapter is not None:
+            return VLLMServerEngine(
+                model_dir, rollout, seed=seed, max_model_len=max_model_len, url=rollout.server_url, adapter=adapter
+            )
         return VLLMServerEngine(model_dir, rollout, seed=seed, max_model_len=max_model_len, url=rollout.server_url)
     from qrl_megatron.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine(model_dir, rollout, seed=seed, max_model_len=max_model_len)
+    return VLLMEngine(model_dir, rollout, seed=seed, max_model_len=max_model_len, adapter=adapter)
