@@ -14,6 +14,13 @@ POST to the route of the same name for ``vllm serve``. The engines' ``start_weig
 A new transport (NCCL, CUDA IPC, ...) must be a new class in this module with the same
 ``init`` / ``start`` / ``update`` / ``finish`` / ``load_weights`` methods, taking a :class:`WeightChannel`; the
 engines and the bridge stay as they are.
+
+QeRL mode (LoRA on a frozen base) sends only the adapter: :meth:`SharedMemoryTransport.update_adapter` and
+:meth:`~SharedMemoryTransport.update_norms` write one checksummed bucket each, like :meth:`~SharedMemoryTransport.update`,
+and call the worker-extension methods ``qrl_load_adapter`` / ``qrl_set_norms``
+(:mod:`qrl_megatron.rollout.lora_swap`) through :meth:`WeightChannel.rpc`. A refused update comes back as
+:class:`WeightVerificationError` (checksums) or :class:`AdapterUpdateError` (anything else); the engine then keeps
+serving its previous adapter.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ from typing import Any, Protocol
 import torch
 
 from qrl_megatron.bridge.checksum import WeightVerificationError, checksums
+from qrl_megatron.rollout.lora_swap import ADAPTER_ERROR_MARKER, AdapterUpdateError
 
 __all__ = [
+    "AdapterUpdateError",
     "SharedMemoryTransport",
     "WeightChannel",
     "WeightVerificationError",
@@ -41,6 +50,10 @@ __all__ = [
 class WeightChannel(Protocol):
     def call(self, name: str, info: Mapping[str, Any] | None = None) -> Any:
         """Invoke vLLM's weight-transfer call ``name`` (with its init / update info, if any)."""
+        ...
+
+    def rpc(self, method: str, *args: Any) -> list[Any]:
+        """Call worker-extension method ``method`` on every worker (``collective_rpc``); one result per worker."""
         ...
 
     def reset_prefix_cache(self) -> None:
@@ -67,14 +80,23 @@ def write_bucket(tensors: Mapping[str, torch.Tensor]) -> Iterator[str]:
         yield path
 
 
+def _engine_detail(text: str, marker: str) -> str:
+    # the worker's own message, without vLLM's RPC wrapping ("...', please check the stack trace ...") or quotes
+    return text[text.index(marker) :].split("', please check")[0].rstrip("'\"")
+
+
 def raise_verification_error(error: Exception) -> None:
     """Re-raise an engine-side checksum failure (it arrives wrapped in vLLM's RPC or HTTP error) as
-    WeightVerificationError; return for any other error (the caller re-raises it)."""
+    WeightVerificationError, and a refused adapter update as AdapterUpdateError; return for any other error (the
+    caller re-raises it)."""
+    if isinstance(error, WeightVerificationError | AdapterUpdateError):
+        raise error
     text = str(error)
     marker = "weight sync corrupted in transit"
     if marker in text:
-        detail = text[text.index(marker) :].split("', please check")[0].rstrip("'\"")
-        raise WeightVerificationError(detail) from error
+        raise WeightVerificationError(_engine_detail(text, marker)) from error
+    if ADAPTER_ERROR_MARKER in text:
+        raise AdapterUpdateError(_engine_detail(text, ADAPTER_ERROR_MARKER)) from error
 
 
 class SharedMemoryTransport:
@@ -107,3 +129,33 @@ class SharedMemoryTransport:
         self.start()
         self.update(named_tensors, checksums(named_tensors))
         self.finish()
+
+    def call_worker(self, method: str, *args: Any) -> list[Any]:
+        """A worker-extension method on every worker, its checksum / adapter errors re-raised by name."""
+        try:
+            return self.channel.rpc(method, *args)
+        except Exception as e:
+            raise_verification_error(e)
+            raise
+
+    def update_adapter(
+        self, tensors: Mapping[str, torch.Tensor], sums: Mapping[str, str], adapter_info: Mapping[str, Any]
+    ) -> list[Any]:
+        """Swap the engine's LoRA adapter for ``tensors`` (PEFT names) in memory, then drop cached prefixes.
+
+        ``adapter_info``: which adapter (:func:`qrl_megatron.rollout.lora_swap.adapter_info`: ``rank``, ``alpha``,
+        ``targets``, ``lora_id``). The engine verifies ``sums`` and validates the whole adapter before touching the
+        one it serves; on any failure it keeps that one and this raises.
+        """
+        with write_bucket(tensors) as path:
+            info = {**adapter_info, "path": path, "checksums": dict(sums)}
+            reports = self.call_worker("qrl_load_adapter", info)
+        self.channel.reset_prefix_cache()  # cached prefixes hold KV computed with the old adapter
+        return reports
+
+    def update_norms(self, tensors: Mapping[str, torch.Tensor], sums: Mapping[str, str]) -> list[Any]:
+        """Copy trained decoder-layer RMSNorm weights (HF names) into the engine in place, then drop cached prefixes."""
+        with write_bucket(tensors) as path:
+            reports = self.call_worker("qrl_set_norms", {"path": path, "checksums": dict(sums)})
+        self.channel.reset_prefix_cache()
+        return reports

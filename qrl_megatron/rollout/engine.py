@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
+from qrl_megatron.lora.adapter import AdapterSpec
+
 # Variables torchrun sets for the learner; the engine core is a separate process with a torch.distributed world
 # of its own, and inheriting these makes it join (and hang on) the learner's rendezvous.
 LAUNCHER_ENV = (
@@ -60,6 +62,38 @@ class Completion:
     finished: bool  # ended with EOS (not cut at max_new_tokens)
 
 
+@dataclass(frozen=True)
+class LoRAServing:
+    """QeRL mode: the engine serves its base with this LoRA adapter applied unmerged, on every request.
+
+    ``adapter_dir`` is a PEFT adapter folder written once before the engine starts
+    (:func:`qrl_megatron.rollout.lora_swap.write_adapter_dir`); vLLM reads it for the first request only, and every
+    later adapter arrives in memory through ``update_adapter``.
+    """
+
+    spec: AdapterSpec
+    adapter_dir: str
+    name: str = "qrl-policy"
+    lora_id: int = 1  # vLLM ids start at 1; an OpenAI server numbers its --lora-modules from 1 in order
+
+
+def lora_engine_args(adapter: LoRAServing | None) -> dict[str, Any]:
+    """``LLM`` arguments that serve ``adapter`` (none without one); ``vllm serve`` gets the same as flags.
+
+    One adapter id, ever, in one GPU slot and one CPU-cache slot. What keeps the start-up folder from being re-read
+    over an adapter swapped in memory (vLLM 0.32.0, ``LRUCacheWorkerLoRAManager.add_adapter``): a request's adapter
+    is loaded from its ``lora_path`` only when its id is not registered, or when ``load_inplace=True`` (never set
+    here); with a single id and ``max_cpu_loras=1`` it is never evicted. The one other way it goes is
+    ``reset_lora_state`` after a base-weight update, which the engines answer with ``qrl_reinstall_adapter``.
+    """
+    if adapter is None:
+        return {}
+    from qrl_megatron.rollout.lora_swap import VLLM_LORA_RANKS, smallest_lora_rank
+
+    rank = smallest_lora_rank(adapter.spec.rank, VLLM_LORA_RANKS)
+    return {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1, "max_cpu_loras": 1}
+
+
 class RolloutEngine(Protocol):
     """The interface the rollout stage, the evaluation and the weight sync use."""
 
@@ -87,6 +121,15 @@ class RolloutEngine(Protocol):
 
     def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
         """In-place reload of HF-named weights (one checksummed bucket)."""
+        ...
+
+    def update_adapter(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
+        """QeRL mode: swap the served LoRA adapter (PEFT names) in memory; on a failed check the engine keeps the
+        previous one and this raises WeightVerificationError / AdapterUpdateError."""
+        ...
+
+    def update_norms(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
+        """QeRL mode with trained norms: the decoder-layer RMSNorm weights (HF names), copied in place."""
         ...
 
     def parameter_checksums(self) -> dict[str, float]: ...

@@ -14,7 +14,12 @@ HTTP routes used (vLLM 0.32):
 * ``POST /init_weight_transfer_engine``, ``/start_weight_update``, ``/update_weights``, ``/finish_weight_update``
   -- vLLM's weight-transfer API;
 * ``POST /reset_prefix_cache`` -- after every weight update (cached prefixes hold KV of the old weights);
-* ``POST /collective_rpc`` -- the worker-extension methods (``load_weights``, ``parameter_checksums``, AQN noise).
+* ``POST /collective_rpc`` -- the worker-extension methods (``load_weights``, ``parameter_checksums``, AQN noise,
+  and in QeRL mode the in-memory adapter swap ``qrl_load_adapter`` and the trained norms ``qrl_set_norms``).
+
+QeRL mode (``adapter=LoRAServing(...)``): the server starts with ``--enable-lora`` and the start-up adapter folder
+as its one ``--lora-modules`` entry (the server loads it at start, as LoRA id 1: vLLM numbers static adapters from
+1), and every completion request names that adapter as its ``model``.
 
 All but the first two exist only when the server runs with ``VLLM_SERVER_DEV_MODE=1`` (vLLM registers the RL and
 dev routers only then); a server we start gets it, one we connect to must have been started with it.
@@ -46,7 +51,15 @@ import torch
 
 from qrl_megatron.bridge.transport import SharedMemoryTransport
 from qrl_megatron.rollout.config import RolloutConfig
-from qrl_megatron.rollout.engine import LAUNCHER_ENV, Completion, EngineDied, sampling_seed
+from qrl_megatron.rollout.engine import (
+    LAUNCHER_ENV,
+    Completion,
+    EngineDied,
+    LoRAServing,
+    lora_engine_args,
+    sampling_seed,
+)
+from qrl_megatron.rollout.lora_swap import adapter_info
 from qrl_megatron.rollout.weight_transfer import BACKEND as WEIGHT_TRANSFER_BACKEND
 from qrl_megatron.utils.net import free_port
 
@@ -130,6 +143,9 @@ class _HttpChannel:
         body = None if info is None else {self._INFO_KEY[name]: dict(info)}
         return self._target()._post("/" + name, body)
 
+    def rpc(self, method: str, *args: Any) -> list[Any]:
+        return self._target()._collective_rpc(method, *args)
+
     def reset_prefix_cache(self) -> None:
         self._target()._reset_prefix_cache()
 
@@ -149,10 +165,12 @@ class VLLMServerEngine:
         request_timeout_s: float = 600.0,
         extra_env: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
+        adapter: LoRAServing | None = None,
     ) -> None:
         from transformers import AutoTokenizer
 
         self.cfg, self.seed, self.model_dir = cfg, seed, str(model_dir)
+        self.adapter = adapter
         self.request_timeout_s = request_timeout_s
         self.proc: subprocess.Popen | None = None
         self.log_path = ""
@@ -196,6 +214,12 @@ class VLLMServerEngine:
         ]  # fmt: skip
         if cfg.enforce_eager:
             command.append("--enforce-eager")
+        if self.adapter is not None:
+            for key, value in lora_engine_args(self.adapter).items():
+                flag = "--" + key.replace("_", "-")
+                command += [flag] if value is True else [flag, str(value)]
+            module = {"name": self.adapter.name, "path": self.adapter.adapter_dir}
+            command += ["--lora-modules", json.dumps(module)]
         command += list(extra_args)
         # the server is a process tree of its own: never part of the learner's torchrun world
         env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
@@ -283,6 +307,8 @@ class VLLMServerEngine:
             "frequency_penalty": 0.0,
             "max_tokens": max_new_tokens,
             "return_token_ids": True,
+            # QeRL mode: the served adapter (without "model" the server answers with the bare base)
+            **({"model": self.adapter.name} if self.adapter is not None else {}),
         }
 
     def _map(self, fn: Any, items: Sequence[Any]) -> list[Any]:
@@ -362,6 +388,7 @@ class VLLMServerEngine:
     def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
         """In-place reload of HF-named weights: one checksummed bucket through the weight-transfer path."""
         self.transport.load_weights(named_tensors)
+        self._reinstall_adapter()
 
     def start_weight_update(self) -> None:
         self.transport.start()
@@ -372,6 +399,22 @@ class VLLMServerEngine:
 
     def finish_weight_update(self) -> None:
         self.transport.finish()  # and resets the prefix cache
+        self._reinstall_adapter()
+
+    def _reinstall_adapter(self) -> None:
+        # vLLM drops every adapter after a base-weight update (reset_lora_state); put the in-memory one back
+        if self.adapter is not None:
+            self.transport.call_worker("qrl_reinstall_adapter")
+
+    def update_adapter(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
+        """QeRL mode: swap the served adapter (PEFT names) in memory; the previous one stays if any check fails."""
+        if self.adapter is None:
+            raise RuntimeError("update_adapter: this engine serves no LoRA adapter (start it with adapter=...)")
+        self.transport.update_adapter(tensors, checksums, adapter_info(self.adapter.spec, self.adapter.lora_id))
+
+    def update_norms(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
+        """Trained decoder-layer RMSNorm weights (HF names), checksummed and copied in place."""
+        self.transport.update_norms(tensors, checksums)
 
     def parameter_checksums(self) -> dict[str, float]:
         return self._collective_rpc("qrl_parameter_checksums")[0]

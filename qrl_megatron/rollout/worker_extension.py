@@ -39,6 +39,25 @@ class QRLWorkerExtension:
         ]
         return add_norm_noise(norms, sigma, seed)
 
+    def qrl_load_adapter(self, info: dict[str, Any]) -> dict[str, Any]:
+        """QeRL adapter-only sync: verify, validate and swap in the LoRA adapter bucket ``info`` describes, in
+        memory, keeping the previous adapter on any failure (rollout/lora_swap.py)."""
+        from qrl_megatron.rollout.lora_swap import load_adapter
+
+        return load_adapter(self, info)
+
+    def qrl_reinstall_adapter(self) -> dict[str, Any] | None:
+        """Put the last swapped-in adapter back after a base-weight update dropped it (rollout/lora_swap.py)."""
+        from qrl_megatron.rollout.lora_swap import reinstall_adapter
+
+        return reinstall_adapter(self)
+
+    def qrl_set_norms(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Trained decoder-layer RMSNorm weights (HF names), checksummed, copied in place (rollout/lora_swap.py)."""
+        from qrl_megatron.rollout.lora_swap import set_norms
+
+        return set_norms(self, info)
+
 
 def refresh_tied_lm_head(model: Any) -> None:
     """Re-derive the tied lm_head's kernel state from the (reloaded) embedding.
