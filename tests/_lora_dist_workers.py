@@ -8,6 +8,7 @@ from qrl_megatron.algos.policy_loss import grpo_loss
 from qrl_megatron.config import AlgoConfig, LearnerConfig
 from qrl_megatron.learner.config import LoRAConfig
 from qrl_megatron.learner.learner import Learner
+from qrl_megatron.learner.memory import learner_memory, planned_learner_memory
 from qrl_megatron.lora.layers import gather_adapter
 from qrl_megatron.models.base import load_hf_weights
 from qrl_megatron.models.registry import load_spec
@@ -67,5 +68,8 @@ def lora_update_worker(
         "adapter": adapter,
         "trainable": trainable,
         "dense_qkv": dense,
+        "memory": learner_memory(learner),
+        # meta build: only one stage (with PP, tied embeddings make construction collective)
+        "planned_memory": planned_learner_memory(spec, layout, cfg) if world_size == 1 else None,
         "optimizer_state_numel": sum(t.numel() for s in state.values() for t in s.values() if torch.is_tensor(t)),
     }

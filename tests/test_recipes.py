@@ -34,6 +34,7 @@ PUBLISHED = {
     "qwen2.5_7b": 7.62e9,
     "qwen2.5_14b": 14.77e9,
     "qwen2.5_32b": 32.76e9,
+    "qwen2.5_32b_qerl": 32.76e9,
     "qwen2.5_72b": 72.7e9,
     "qwen3_8b": 8.19e9,
     "qwen3_32b": 32.8e9,
@@ -89,7 +90,7 @@ def hardware(recipe: str) -> tuple[int, int]:
 
 
 def test_every_recipe_is_covered() -> None:
-    model_recipes = {p.stem for p in CONFIGS.glob("*.yaml")} - {"tiny_cpu"}
+    model_recipes = {p.stem for p in CONFIGS.glob("*.yaml")} - {"tiny_cpu", "tiny_cpu_qerl"}
     assert model_recipes == set(PUBLISHED)
     used = {recipe_cfg(r).model.source.split("/")[1] for r in PUBLISHED}
     assert used == {p.stem for p in HF_CONFIGS.glob("*.json")}, "one stored HF config per recipe, none unused"
@@ -177,7 +178,7 @@ def test_recipe_layout_fits_its_hardware(recipe: str) -> None:
     assert heads % rtp == 0 and (kv % rtp == 0 or rtp % kv == 0), (recipe, rtp, heads, kv)
     # the completion budget leaves room for the prompt inside the model's positions
     assert cfg.rollout.max_new_tokens + 512 <= hf["max_position_embeddings"]
-    if cfg.rollout.quant != "bf16":
+    if cfg.rollout.quant != "bf16" and not cfg.learner.lora.enabled:  # QeRL: learner and engine share the base
         assert cfg.algo.correction in ("tis", "mis", "acr"), "a quantized engine needs a rollout correction"
 
 

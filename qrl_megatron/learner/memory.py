@@ -1,0 +1,140 @@
+"""What the learner holds per rank: base weights, adapters, gradients and optimizer state, in bytes.
+
+:func:`learner_memory` measures a live learner (the tensors it really allocated); :func:`planned_learner_memory`
+computes the same items for any model by building this rank's Megatron stage on the ``meta`` device (shapes only,
+no memory) and applying the same LoRA / frozen-base code, then counting gradients and Adam state with the rules
+Megatron follows: an fp32 gradient buffer per trainable parameter (``grad_reduce_in_fp32``), two fp32 Adam moments,
+and an fp32 master copy when the parameters are bf16. A test checks that the two agree exactly on the tiny model.
+
+``python -m qrl_megatron.learner.memory CONFIG [key=value ...]`` prints the plan for a recipe (e.g. the 32B QeRL
+recipe) without loading any weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from qrl_megatron.lora.layers import iter_lora_linears
+
+__all__ = ["learner_memory", "planned_learner_memory"]
+
+ITEMS = ("base_weights", "adapter", "trained_norms", "gradients", "optimizer_state")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _weights(module: torch.nn.Module) -> dict[str, int]:
+    lora_params = {id(p) for m in iter_lora_linears(module) for p in m.parameters()}
+    out = dict.fromkeys(("base_weights", "adapter", "trained_norms", "full_parameters"), 0)
+    for p in module.parameters():
+        if id(p) in lora_params:
+            out["adapter"] += _nbytes(p)
+        elif not p.requires_grad:
+            out["base_weights"] += _nbytes(p)
+        elif lora_params:
+            out["trained_norms"] += _nbytes(p)
+        else:
+            out["full_parameters"] += _nbytes(p)
+    out["base_weights"] += sum(m.base_bytes() for m in iter_lora_linears(module))  # frozen NVFP4 codes + scales
+    return out
+
+
+def _trainable_numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def learner_memory(learner: Any) -> dict[str, int]:
+    """Bytes this rank's learner holds now (call after the first optimizer step: Adam allocates its state lazily)."""
+    module = learner.model.module
+    out = _weights(module)
+    out["gradients"] = sum(
+        _nbytes(g) for p in module.parameters() if p.requires_grad and (g := getattr(p, "main_grad", None)) is not None
+    )
+    optimizer = getattr(learner.optimizer, "optimizer", None)
+    state = 0
+    if optimizer is not None:
+        for s in optimizer.state.values():
+            state += sum(_nbytes(t) for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+        if any(p.dtype != torch.float32 for p in module.parameters() if p.requires_grad):  # fp32 master copies
+            state += sum(_nbytes(p) for g in optimizer.param_groups for p in g["params"])
+    out["optimizer_state"] = state
+    out["total"] = sum(v for k, v in out.items())
+    return out
+
+
+def planned_learner_memory(spec: Any, layout: Any, cfg: Any, frozen_base_shapes: bool = True) -> dict[str, int]:
+    """The same items for ``spec`` at ``layout`` with learner config ``cfg``, computed on the meta device.
+
+    Needs megatron's parallel state for ``layout`` (``init_distributed``): the stage is built as the learner builds
+    it. The NVFP4 base is described by its checkpoint layout (``te_ext.formats``), so no weights are read.
+    """
+    from qrl_megatron.learner.model import build_gpt_model
+    from qrl_megatron.lora.adapter import MODULE_PATHS, module_shape
+    from qrl_megatron.lora.layers import apply_lora
+    from te_ext.formats import format_descriptor
+
+    params_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    with torch.device("meta"):
+        module = build_gpt_model(
+            spec, layout, params_dtype=params_dtype, config_overrides={"perform_initialization": False}, use_te=False
+        )
+        if cfg.lora.enabled:
+            frozen = None
+            if cfg.base_format == "nvfp4" and frozen_base_shapes:
+                fmt = format_descriptor("nvfp4")
+                frozen = {}
+                for i in range(spec.num_layers):
+                    for m, path in MODULE_PATHS.items():
+                        for suffix, shape, dtype in fmt.checkpoint_layout(module_shape(spec, m)):
+                            frozen[f"model.layers.{i}.{path}.{suffix}"] = torch.empty(shape, dtype=dtype)
+            apply_lora(module, spec, layout, cfg.lora.adapter(), seed=0, frozen_base=frozen)
+    out = _weights(module)
+    trainable = _trainable_numel(module)
+    out["gradients"] = trainable * 4  # megatron DDP: fp32 grad buffer (grad_reduce_in_fp32)
+    shard = layout.dp if cfg.distributed_optimizer else 1
+    master = 4 if params_dtype != torch.float32 else 0
+    out["optimizer_state"] = -(-trainable * (8 + master) // shard)  # Adam's two fp32 moments (+ fp32 master)
+    out["total"] = sum(v for k, v in out.items())
+    return out
+
+
+def _spec(cfg: Any) -> Any:
+    """The recipe's model shape: its folder's config.json, else the published one stored in configs/hf_configs."""
+    import json
+    from pathlib import Path
+
+    from qrl_megatron.models.base import prepare_base_model
+    from qrl_megatron.models.registry import load_spec, spec_from_hf_config
+
+    stored = Path(__file__).resolve().parents[2] / "configs" / "hf_configs" / f"{cfg.model.source.split('/')[-1]}.json"
+    if stored.is_file():
+        return spec_from_hf_config(json.loads(stored.read_text()))
+    return load_spec(prepare_base_model(cfg.model, cfg.run.cache_dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from qrl_megatron.config import load_config
+    from qrl_megatron.platform import destroy_distributed, init_distributed
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        raise SystemExit("usage: python -m qrl_megatron.learner.memory CONFIG [key=value ...]")
+    cfg = load_config(args[0], args[1:])
+    if cfg.learner.tp * cfg.learner.pp != 1:
+        raise SystemExit("the plan is computed in one process: pass learner.tp=1 learner.pp=1 (per-GPU = one stage)")
+    spec = _spec(cfg)
+    layout = init_distributed(1, 1, 1, seed=0)
+    plan = planned_learner_memory(spec, layout, cfg.learner)
+    destroy_distributed()
+    print(f"learner rank 0 of {cfg.learner.tp}x{cfg.learner.pp}x{cfg.learner.dp} (tp x pp x dp), {args[0]}:")
+    for key, value in plan.items():
+        print(f"  {key:<16} {value / 1e9:10.3f} GB")
+
+
+if __name__ == "__main__":
+    main()
