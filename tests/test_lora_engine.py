@@ -155,6 +155,8 @@ def test_same_tensors_twice_and_a_base_reload_do_not_scale_twice(
     first = push(lora_engine, adapter, sequences)
     second = push(lora_engine, adapter, sequences)  # the same tensor objects again
     assert torch.equal(first, second)
+    lora_engine.update_adapter(adapter, {})  # an empty manifest: the sender opted out of checksums
+    assert torch.equal(flat(lora_engine.prompt_logprobs(sequences)), first)
     assert all(torch.equal(adapter[k], before[k]) for k in adapter)  # the caller's tensors are untouched
     assert gap(first, reference.logprobs(sequences, adapter)) <= 2 * base_gap + FLOOR
     # a base-weight update makes vLLM drop its adapters; the engine re-installs the in-memory one (once scaled)
