@@ -1,7 +1,8 @@
 """Quantized-rollout ablation on the default tiny task: which correction / trick recovers what quantization costs.
 
 Arms (each with 3 seeds by default): bf16 rollout; FP8; INT8; NVFP4 naive; NVFP4 + TIS; NVFP4 + QuRL ACR;
-NVFP4 + ACR + invariant scaling; NVFP4 + QeRL AQN. Every run is a real ``qrl-train`` (Megatron learner, vLLM-CPU
+NVFP4 + ACR + invariant scaling; NVFP4 + QeRL AQN; and QeRL mode (LoRA on a frozen base): ``lora-bf16``,
+``lora-nvfp4`` (learner and engine hold the same NVFP4 codes), ``lora-nvfp4-aqn``. Every run is a real ``qrl-train`` (Megatron learner, vLLM-CPU
 engine in the arm's format, the resharding bridge) on ``configs/tiny_cpu.yaml`` shortened by ``BASE`` below so the
 whole ablation takes about an hour on 2 cores.
 
@@ -45,6 +46,8 @@ BASE = [
     "run.on_existing=error",
 ]
 NO_SCALING = "algo.invariant_scaling.s=1"
+# QeRL mode: rank-16 LoRA on a frozen base (configs/tiny_cpu_qerl.yaml's adapter and learning rate)
+LORA = ["learner.lora.rank=16", "learner.lora.alpha=32", "learner.lr=1e-3"]
 ARMS: dict[str, tuple[str, list[str]]] = {
     "bf16": ("bf16 rollout", ["rollout.quant=bf16"]),
     "fp8": ("FP8 (W8A8)", ["rollout.quant=fp8", NO_SCALING]),
@@ -54,6 +57,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "nvfp4_acr": ("NVFP4 + ACR", ["rollout.quant=nvfp4", NO_SCALING, "algo.correction=acr"]),
     "nvfp4_acr_is": ("NVFP4 + ACR + inv. scaling", ["rollout.quant=nvfp4", "algo.correction=acr", "algo.invariant_scaling.s=1.5"]),
     "nvfp4_aqn": ("NVFP4 + AQN", ["rollout.quant=nvfp4", NO_SCALING, "algo.aqn.enabled=true"]),
+    "lora-bf16": ("LoRA, bf16 base", [*LORA, "learner.base_format=bf16", "rollout.quant=bf16"]),
+    "lora-nvfp4": ("LoRA, NVFP4 base (QeRL)", [*LORA, "learner.base_format=nvfp4", "rollout.quant=nvfp4"]),
+    "lora-nvfp4-aqn": ("LoRA, NVFP4 base + AQN", [*LORA, "learner.base_format=nvfp4", "rollout.quant=nvfp4", "algo.aqn.enabled=true"]),
 }  # fmt: skip
 
 

@@ -24,6 +24,7 @@ from qrl_megatron.evals.run import flat_metrics
 from qrl_megatron.hf_export import export_policy, export_rollout_format
 from qrl_megatron.learner.batch import TokenBatch
 from qrl_megatron.learner.learner import Learner, scheduled_lr
+from qrl_megatron.learner.memory import learner_memory
 from qrl_megatron.learner.resume import (
     PREEMPTED_MARKER,
     CheckpointStore,
@@ -96,7 +97,9 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     # lazy: each learner rank reads only its own shard's slices from the files
     policy_weights: Mapping[str, torch.Tensor] = load_hf_weights(policy_dir)
     scaling = cfg.algo.invariant_scaling
-    if scaling.s != 1 and cfg.rollout.quant != "bf16":  # QuRL invariant scaling, once, on the weights RL starts from
+    # QuRL invariant scaling, once, on the weights RL starts from -- for full-parameter quantized rollouts only: with
+    # LoRA the base is frozen on purpose (and its NVFP4 codes come from the unscaled export the engine loads)
+    if scaling.s != 1 and cfg.rollout.quant != "bf16" and not cfg.learner.lora.enabled:
         # the scaling rewrites whole tensors, so this path holds the full state dict (the lazy read does not)
         policy_weights = apply_invariant_scaling(dict(policy_weights), scaling.s, scaling.targets)
     lora = cfg.learner.lora.enabled
@@ -113,7 +116,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         cfg.learner.lr,
         seq_length,
         cfg.rollout.temperature,
-        frozen_base=load_hf_weights(engine_model_dir) if lora and cfg.learner.base_format == "nvfp4" else None,
+        frozen_base=load_hf_weights(engine_model_dir) if engine_model_dir and cfg.learner.base_format == "nvfp4" else None,
         seed=cfg.seed,
     )
     reference = None  # the KL reference: a frozen copy of the policy RL starts from
@@ -264,6 +267,9 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
                 metrics.update(flat_metrics(driver.evaluate(step)))  # eval_accuracy, eval/<set>/pass@k, ...
             if step == start_step + 1:  # the data accounting, once: data/<split>/skipped_<reason>
                 metrics.update({f"data/{k}/{m}": float(v) for k, r in task.report.items() for m, v in r.items()})
+                # rank 0's bytes of base weights, adapter, gradients and optimizer state (Adam's state now exists)
+                evals["learner_memory"] = learner_memory(learner)
+                metrics.update({f"memory/{k}_bytes": float(v) for k, v in evals["learner_memory"].items()})
             # QeRL AQN: noise on the engine's RMSNorm weights for the next rollout (the sync restored clean ones;
             # the probe and the evaluation above saw the clean policy)
             metrics["aqn_sigma"], aqn_sigma = aqn_sigma, aqn(driver.engine, step)

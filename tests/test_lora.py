@@ -144,3 +144,31 @@ def test_memory_measured_equals_planned(lora_layouts: dict) -> None:
     assert measured == planned, (measured, planned)
     assert measured["optimizer_state"] == 8 * (measured["adapter"] + measured["trained_norms"]) // 4
     assert measured["full_parameters"] == 0
+
+
+# ------------------------------------------------------------------------------ vLLM CPU LoRA fast path
+@pytest.mark.unit
+def test_cpu_lora_fast_path_equals_vllms_ops() -> None:
+    """One adapter for every token: one GEMM instead of a per-token gather; mixed batches use vLLM's own code."""
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    from qrl_megatron.rollout.vllm_lora_cpu import _patched_ops
+
+    fast = _patched_ops(lora_ops)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 16, generator=g)
+    a = torch.randn(2, 1, 4, 16, generator=g)  # [max_loras, 1, r, in]
+    b = torch.randn(2, 1, 24, 4, generator=g)  # [max_loras, 1, out, r]
+    for indices in (torch.full((7,), 1), torch.tensor([0, 1, 1, 0, 1, 1, 1])):
+        ref_h, got_h = torch.zeros(7, 4), torch.zeros(7, 4)
+        lora_ops.bgmv_shrink(x, a, ref_h, indices, 0.5)
+        fast["bgmv_shrink"](x, a, got_h, indices, 0.5)
+        assert torch.allclose(ref_h, got_h, atol=1e-5)
+        ref_y, got_y = torch.ones(7, 30), torch.ones(7, 30)
+        lora_ops.bgmv_expand(ref_h, b, ref_y, indices, True)
+        fast["bgmv_expand"](got_h, b, got_y, indices, True)
+        assert torch.allclose(ref_y, got_y, atol=1e-5)
+        ref_s, got_s = torch.ones(7, 40), torch.ones(7, 40)
+        lora_ops.bgmv_expand_slice(ref_h, b, ref_s, indices, 8, 24, True)
+        fast["bgmv_expand_slice"](got_h, b, got_s, indices, 8, 24, True)
+        assert torch.allclose(ref_s, got_s, atol=1e-5)

@@ -92,12 +92,14 @@ def reference(tiny_model_dir, spec) -> Reference:
 def lora_engine(tiny_model_dir, spec, tmp_path_factory):
     """The engine started on a folder holding a *random* adapter: a stale re-read of it would show."""
     from qrl_megatron.config import RolloutConfig
+    from qrl_megatron.lora.export import write_peft_adapter
     from qrl_megatron.rollout.engine import LoRAServing
-    from qrl_megatron.rollout.lora_swap import write_adapter_dir
     from qrl_megatron.rollout.vllm_engine import VLLMEngine
 
-    folder = write_adapter_dir(
-        random_adapter(spec, seed=99), str(tmp_path_factory.mktemp("adapter")), ADAPTER, str(tiny_model_dir)
+    folder = str(
+        write_peft_adapter(
+            random_adapter(spec, seed=99), tmp_path_factory.mktemp("adapter") / "a", ADAPTER, tiny_model_dir
+        )
     )
     engine = VLLMEngine(
         str(tiny_model_dir), RolloutConfig(kv_cache_mib=64), seed=0, max_model_len=64,
@@ -234,11 +236,11 @@ def test_server_engine_swaps_the_adapter_like_the_colocated_one(
 ) -> None:
     """``vllm serve`` with the adapter: the same swap over HTTP /collective_rpc, errors re-raised by name."""
     from qrl_megatron.config import RolloutConfig
+    from qrl_megatron.lora.export import write_peft_adapter
     from qrl_megatron.rollout.engine import LoRAServing
-    from qrl_megatron.rollout.lora_swap import write_adapter_dir
     from qrl_megatron.rollout.server_engine import VLLMServerEngine
 
-    folder = write_adapter_dir(random_adapter(spec, seed=99), str(tmp_path / "adapter"), ADAPTER, str(tiny_model_dir))
+    folder = str(write_peft_adapter(random_adapter(spec, seed=99), tmp_path / "adapter", ADAPTER, tiny_model_dir))
     server = VLLMServerEngine(
         str(tiny_model_dir), RolloutConfig(kv_cache_mib=64), seed=0, max_model_len=64,
         adapter=LoRAServing(ADAPTER, folder),

@@ -15,7 +15,9 @@ __all__ = ["AlgoConfig", "InvariantScalingConfig"]
 @dataclass
 class InvariantScalingConfig:
     s: float = doc(
-        1.5, "q/k/v (gate/up) weights / s, preceding RMSNorm * s, once before RL; quantized rollout only; 1 = off"
+        1.5,
+        "q/k/v (gate/up) weights / s, preceding RMSNorm * s, once before RL; quantized full-parameter rollout "
+        "only (not with learner.lora); 1 = off",
     )
     targets: list[str] = doc(
         text="linears to scale: qkv (q/k/v_proj, input_layernorm) and/or gate_up (gate/up_proj, post-attention norm)",

@@ -76,6 +76,7 @@ def planned_learner_memory(spec: Any, layout: Any, cfg: Any, frozen_base_shapes:
     from qrl_megatron.learner.model import build_gpt_model
     from qrl_megatron.lora.adapter import MODULE_PATHS, module_shape
     from qrl_megatron.lora.layers import apply_lora
+    from qrl_megatron.models.checkpoint_reader import StateDictReader
     from te_ext.formats import format_descriptor
 
     params_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -84,14 +85,15 @@ def planned_learner_memory(spec: Any, layout: Any, cfg: Any, frozen_base_shapes:
             spec, layout, params_dtype=params_dtype, config_overrides={"perform_initialization": False}, use_te=False
         )
         if cfg.lora.enabled:
-            frozen = None
+            frozen: StateDictReader | None = None
             if cfg.base_format == "nvfp4" and frozen_base_shapes:
                 fmt = format_descriptor("nvfp4")
-                frozen = {}
+                codes: dict[str, torch.Tensor] = {}
                 for i in range(spec.num_layers):
                     for m, path in MODULE_PATHS.items():
                         for suffix, shape, dtype in fmt.checkpoint_layout(module_shape(spec, m)):
-                            frozen[f"model.layers.{i}.{path}.{suffix}"] = torch.empty(shape, dtype=dtype)
+                            codes[f"model.layers.{i}.{path}.{suffix}"] = torch.empty(shape, dtype=dtype)
+                frozen = StateDictReader(codes)
             apply_lora(module, spec, layout, cfg.lora.adapter(), seed=0, frozen_base=frozen)
     out = _weights(module)
     trainable = _trainable_numel(module)

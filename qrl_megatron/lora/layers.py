@@ -340,11 +340,11 @@ def gather_adapter(
 
     local: dict[str, tuple[str, torch.Tensor]] = {}
     for lora in iter_lora_linears(model):
-        for name, split, tensor in lora.local_tensors():
-            local[name] = (split, tensor)
+        for name, split, param in lora.local_tensors():
+            local[name] = (split, param)
     if norms:
-        for name, tensor in _local_norms(model, layout, spec).items():
-            local[name] = ("whole", tensor)
+        for name, param in _local_norms(model, layout, spec).items():
+            local[name] = ("whole", param)
     shapes = dict(adapter_shapes(spec, adapter.rank, adapter.targets))
     if norms:
         shapes.update(norm_shapes(spec))

@@ -67,7 +67,7 @@ class LoRAServing:
     """QeRL mode: the engine serves its base with this LoRA adapter applied unmerged, on every request.
 
     ``adapter_dir`` is a PEFT adapter folder written once before the engine starts
-    (:func:`qrl_megatron.rollout.lora_swap.write_adapter_dir`); vLLM reads it for the first request only, and every
+    (:func:`qrl_megatron.lora.export.write_peft_adapter`); vLLM reads it for the first request only, and every
     later adapter arrives in memory through ``update_adapter``.
     """
 

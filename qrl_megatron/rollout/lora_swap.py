@@ -13,7 +13,7 @@ The worker (:meth:`~qrl_megatron.rollout.worker_extension.QRLWorkerExtension.qrl
    previous one if the swap itself fails.
 
 So a corrupted or malformed update leaves the engine serving the previous adapter. No PEFT folder is written or
-re-read per step: the folder the engine starts with (:func:`write_adapter_dir`) is read once, by vLLM, for the
+re-read per step: the folder the engine starts with (:func:`qrl_megatron.lora.export.write_peft_adapter`) is read once, by vLLM, for the
 first request.
 
 Double scaling: vLLM folds ``alpha / r`` into ``lora_B`` **in place** when it registers an adapter
@@ -26,7 +26,6 @@ Everything imports without vLLM; vLLM is imported inside the worker-side functio
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -47,7 +46,6 @@ __all__ = [
     "reinstall_adapter",
     "set_norms",
     "smallest_lora_rank",
-    "write_adapter_dir",
 ]
 
 # Every AdapterUpdateError message starts with this, so the sender can recognise it inside vLLM's RPC or HTTP
@@ -83,25 +81,6 @@ def smallest_lora_rank(rank: int, supported: tuple[int, ...] = VLLM_LORA_RANKS) 
     if not fitting:
         raise ValueError(f"learner.lora.rank={rank} exceeds vLLM's largest max_lora_rank {max(supported)}")
     return fitting[0]
-
-
-def write_adapter_dir(
-    tensors: Mapping[str, torch.Tensor], out_dir: str, adapter: AdapterSpec, base_model_dir: str
-) -> str:
-    """A PEFT adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``): what the engine starts with.
-
-    Written once per engine start; later steps swap the adapter in memory (:func:`load_adapter`).
-    """
-    from safetensors.torch import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-        os.path.join(out_dir, "adapter_model.safetensors"),
-    )
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump(peft_adapter_config(adapter, base_model_dir), f, indent=2)
-    return out_dir
 
 
 # -- validation (no vLLM) -----------------------------------------------------------------------------------------------
