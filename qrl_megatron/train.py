@@ -116,7 +116,9 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         cfg.learner.lr,
         seq_length,
         cfg.rollout.temperature,
-        frozen_base=load_hf_weights(engine_model_dir) if engine_model_dir and cfg.learner.base_format == "nvfp4" else None,
+        frozen_base=load_hf_weights(engine_model_dir)
+        if engine_model_dir and cfg.learner.base_format == "nvfp4"
+        else None,
         seed=cfg.seed,
     )
     reference = None  # the KL reference: a frozen copy of the policy RL starts from
