@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from qrl_megatron.algos.policy_loss import grpo_loss
+from qrl_megatron.bridge.adapter_sync import AdapterSync, learner_prompt_logprobs
+from qrl_megatron.bridge.checksum import WeightVerificationError
 from qrl_megatron.config import AlgoConfig, LearnerConfig
 from qrl_megatron.learner.config import LoRAConfig
 from qrl_megatron.learner.learner import Learner
@@ -73,3 +75,53 @@ def lora_update_worker(
         "planned_memory": planned_learner_memory(spec, layout, cfg) if world_size == 1 else None,
         "optimizer_state_numel": sum(t.numel() for s in state.values() for t in s.values() if torch.is_tensor(t)),
     }
+
+
+class _StaleEngine:
+    """An engine that acknowledges every adapter update and keeps serving the first adapter it had: its logprobs are
+    the learner's before training (what vLLM would return if the swap silently did nothing)."""
+
+    def __init__(self, stale: list[list[float]]) -> None:
+        self.stale = stale
+
+    def update_adapter(self, tensors, checksums) -> None:
+        pass
+
+    def update_norms(self, tensors, checksums) -> None:
+        pass
+
+    def prompt_logprobs(self, sequences):
+        return self.stale
+
+
+class _HonestEngine(_StaleEngine):
+    def __init__(self, learner, sequences) -> None:
+        self.learner, self.sequences = learner, sequences
+
+    def prompt_logprobs(self, sequences):
+        return learner_prompt_logprobs(self.learner, sequences)
+
+
+def adapter_probe_worker(rank: int, world_size: int, model_dir: str) -> dict:
+    """The adapter sync's probe gate: passes for an engine serving the learner's adapter, fires for a stale one."""
+    layout = init_distributed(1, 1, 1, seed=0)
+    torch.set_num_threads(1)
+    spec = load_spec(model_dir)
+    cfg = LearnerConfig(lr=0.05, micro_batch_size=4, lora=LoRAConfig(rank=4, alpha=8.0), grad_clip=0.0)
+    learner = Learner(spec, layout, cfg, load_hf_weights(model_dir), lr=cfg.lr, seq_length=SEQ_LENGTH, seed=1)
+    sequences = [[1, 5, 9, 12, 20, 7, 3], [2, 8, 8, 30, 11, 4]]
+    before = learner_prompt_logprobs(learner, sequences)
+    batch = rollout_like_batch(spec.vocab_size)
+    out = learner.logprobs(batch)
+    batch.old_logprobs = out[0]
+    loss_fn = grpo_loss(AlgoConfig())
+    for _ in range(3):
+        learner.train_step(batch, loss_fn, batch.num_tokens, len(batch))
+    sync = AdapterSync(spec, cfg.lora.adapter(), sequences, probe_every=1, probe_tolerance=0.1)
+    honest = sync(learner, _HonestEngine(learner, sequences), 1)
+    try:
+        sync(learner, _StaleEngine(before), 2)
+        stale_error = ""
+    except WeightVerificationError as err:
+        stale_error = str(err)
+    return {"honest": honest, "stale_error": stale_error}

@@ -172,3 +172,12 @@ def test_cpu_lora_fast_path_equals_vllms_ops() -> None:
         lora_ops.bgmv_expand_slice(ref_h, b, ref_s, indices, 8, 24, True)
         fast["bgmv_expand_slice"](got_h, b, got_s, indices, 8, 24, True)
         assert torch.allclose(ref_s, got_s, atol=1e-5)
+
+
+@pytest.mark.dist
+def test_adapter_probe_fires_on_an_engine_that_kept_the_old_adapter(tiny_model_dir: Path) -> None:
+    from tests._lora_dist_workers import adapter_probe_worker
+
+    result = run_distributed(adapter_probe_worker, 1, str(tiny_model_dir))[0]
+    assert result["honest"]["probe_gap_mean"] == 0.0 and result["honest"]["sync_base_bytes"] == 0
+    assert "not serving the adapter the learner sent" in result["stale_error"]

@@ -21,7 +21,9 @@ class SyncConfig:
     verify_checksums: bool = doc(True, "engine checks a CRC-32 of every received tensor before loading it")
     probe_every: int = doc(10, "logprob probe (engine vs dequantized reference forward) every N syncs (0: off)")
     probe_tolerance: float = doc(
-        0.0, "largest allowed mean probe |logprob gap| in nats (0: 0.05 for bf16/nvfp4, 0.1 for the W8A8 fp8/int8)"
+        0.0,
+        "largest allowed mean probe |logprob gap| in nats (0: 0.05 for bf16/nvfp4, 0.1 for the W8A8 fp8/int8; twice "
+        "that with learner.lora)",
     )
     probe_sequences: int = doc(4, "held-out prompt+answer sequences the probe scores")
 
