@@ -157,6 +157,20 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     logger: MetricsLogger | None = None
     evals: dict[str, Any] = {}
     serving: LoRAServing | None = None
+
+    def start_engine() -> Any:
+        """Rank 0's engine: the policy in the rollout format (QeRL: the exported base + the initial adapter)."""
+        return make_engine(
+            cfg.rollout,
+            cfg.run.dir,
+            cfg.seed,
+            policy_dir,
+            seq_length,
+            sync.plan,
+            adapter=serving,
+            model_dir=engine_model_dir,
+        )
+
     if layout.rank == 0:
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -175,16 +189,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
                     )
                 ),
             )
-        engine = make_engine(
-            cfg.rollout,
-            run_dir,
-            cfg.seed,
-            policy_dir,
-            seq_length,
-            sync.plan,
-            adapter=serving,
-            model_dir=engine_model_dir,
-        )
+        engine = start_engine()
         scorer = RewardScorer(cfg.reward, cfg.task.name)
         driver = RolloutDriver(
             engine, cfg.rollout, cfg.algo, task, seq_length, tokenizer.pad_token_id, cfg.seed, scorer, cfg.eval
@@ -213,16 +218,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
                 driver.engine.close()
             except Exception as err:  # noqa: BLE001 -- a dead engine may fail to close; the new one matters
                 print(f"closing the dead engine failed ({type(err).__name__}: {err}); starting a new one", flush=True)
-            driver.engine = make_engine(
-                cfg.rollout,
-                cfg.run.dir,
-                cfg.seed,
-                policy_dir,
-                seq_length,
-                sync.plan,
-                adapter=serving,
-                model_dir=engine_model_dir,
-            )
+            driver.engine = start_engine()
         sync(learner, driver.engine if driver else None, step - 1)
         if driver:
             aqn(driver.engine, step - 1)

@@ -94,6 +94,51 @@ def lora_engine_args(adapter: LoRAServing | None) -> dict[str, Any]:
     return {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1, "max_cpu_loras": 1}
 
 
+class TransportWeights:
+    """The weight calls of an engine, delegated to its transport (one implementation for both engines).
+
+    The engine sets ``self.transport`` (a :class:`~qrl_megatron.bridge.transport.SharedMemoryTransport` over its
+    channel) and ``self.adapter`` (its :class:`LoRAServing`, or None).
+    """
+
+    transport: Any
+    adapter: LoRAServing | None
+
+    def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
+        """In-place reload of HF-named weights: one checksummed bucket through the weight-transfer path."""
+        self.transport.load_weights(named_tensors)
+        self._reinstall_adapter()
+
+    def start_weight_update(self) -> None:
+        self.transport.start()
+
+    def update_weights(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
+        """Stream one bucket of checkpoint-format tensors; the engine verifies ``checksums`` before loading (its
+        checksum report comes back in the RPC / HTTP error)."""
+        self.transport.update(tensors, checksums)
+
+    def finish_weight_update(self) -> None:
+        self.transport.finish()  # and resets the prefix cache
+        self._reinstall_adapter()
+
+    def _reinstall_adapter(self) -> None:
+        # vLLM drops every adapter after a base-weight update (reset_lora_state); put the in-memory one back
+        if self.adapter is not None:
+            self.transport.call_worker("qrl_reinstall_adapter")
+
+    def update_adapter(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
+        """QeRL mode: swap the served adapter (PEFT names) in memory; the previous one stays if any check fails."""
+        from qrl_megatron.rollout.lora_swap import adapter_info
+
+        if self.adapter is None:
+            raise RuntimeError("update_adapter: this engine serves no LoRA adapter (start it with adapter=...)")
+        self.transport.update_adapter(tensors, checksums, adapter_info(self.adapter.spec, self.adapter.lora_id))
+
+    def update_norms(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
+        """Trained decoder-layer RMSNorm weights (HF names), checksummed and copied in place."""
+        self.transport.update_norms(tensors, checksums)
+
+
 class RolloutEngine(Protocol):
     """The interface the rollout stage, the evaluation and the weight sync use."""
 

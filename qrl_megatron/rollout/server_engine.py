@@ -47,8 +47,6 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import torch
-
 from qrl_megatron.bridge.transport import SharedMemoryTransport
 from qrl_megatron.rollout.config import RolloutConfig
 from qrl_megatron.rollout.engine import (
@@ -56,10 +54,10 @@ from qrl_megatron.rollout.engine import (
     Completion,
     EngineDied,
     LoRAServing,
+    TransportWeights,
     lora_engine_args,
     sampling_seed,
 )
-from qrl_megatron.rollout.lora_swap import adapter_info
 from qrl_megatron.rollout.weight_transfer import BACKEND as WEIGHT_TRANSFER_BACKEND
 from qrl_megatron.utils.net import free_port
 
@@ -150,7 +148,7 @@ class _HttpChannel:
         self._target()._reset_prefix_cache()
 
 
-class VLLMServerEngine:
+class VLLMServerEngine(TransportWeights):
     """Rollout through a `vllm serve` process: started here on loopback (``url=""``) or reached at ``url``."""
 
     def __init__(
@@ -384,37 +382,6 @@ class VLLMServerEngine:
 
     def _collective_rpc(self, method: str, *args: Any) -> list[Any]:
         return self._post("/collective_rpc", {"method": method, "args": list(args)})["results"]
-
-    def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
-        """In-place reload of HF-named weights: one checksummed bucket through the weight-transfer path."""
-        self.transport.load_weights(named_tensors)
-        self._reinstall_adapter()
-
-    def start_weight_update(self) -> None:
-        self.transport.start()
-
-    def update_weights(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
-        """Stream one bucket of checkpoint-format tensors; the engine verifies ``checksums`` before loading."""
-        self.transport.update(tensors, checksums)  # the worker's checksum report is in the error body
-
-    def finish_weight_update(self) -> None:
-        self.transport.finish()  # and resets the prefix cache
-        self._reinstall_adapter()
-
-    def _reinstall_adapter(self) -> None:
-        # vLLM drops every adapter after a base-weight update (reset_lora_state); put the in-memory one back
-        if self.adapter is not None:
-            self.transport.call_worker("qrl_reinstall_adapter")
-
-    def update_adapter(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
-        """QeRL mode: swap the served adapter (PEFT names) in memory; the previous one stays if any check fails."""
-        if self.adapter is None:
-            raise RuntimeError("update_adapter: this engine serves no LoRA adapter (start it with adapter=...)")
-        self.transport.update_adapter(tensors, checksums, adapter_info(self.adapter.spec, self.adapter.lora_id))
-
-    def update_norms(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
-        """Trained decoder-layer RMSNorm weights (HF names), checksummed and copied in place."""
-        self.transport.update_norms(tensors, checksums)
 
     def parameter_checksums(self) -> dict[str, float]:
         return self._collective_rpc("qrl_parameter_checksums")[0]

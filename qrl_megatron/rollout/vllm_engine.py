@@ -15,19 +15,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from qrl_megatron.bridge.transport import SharedMemoryTransport
 from qrl_megatron.rollout.config import RolloutConfig
 from qrl_megatron.rollout.engine import (
     Completion,
     EngineDied,
     LoRAServing,
+    TransportWeights,
     engine_environment,
     lora_engine_args,
     sampling_seed,
 )
-from qrl_megatron.rollout.lora_swap import adapter_info
 from qrl_megatron.rollout.weight_transfer import BACKEND as WEIGHT_TRANSFER_BACKEND
 
 __all__ = ["Completion", "VLLMEngine"]
@@ -97,7 +95,7 @@ class EngineWatchdog:
         self._stop.set()
 
 
-class VLLMEngine:
+class VLLMEngine(TransportWeights):
     def __init__(
         self, model_dir: str, cfg: RolloutConfig, seed: int, max_model_len: int, adapter: LoRAServing | None = None
     ) -> None:
@@ -200,37 +198,6 @@ class VLLMEngine:
             [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], seq[1:], strict=True)]  # type: ignore[index]
             for out, seq in zip(outputs, sequences, strict=True)
         ]
-
-    def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
-        """In-place reload of HF-named weights: one checksummed bucket through the weight-transfer path."""
-        self.transport.load_weights(named_tensors)
-        self._reinstall_adapter()
-
-    def start_weight_update(self) -> None:
-        self.transport.start()
-
-    def update_weights(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
-        """Stream one bucket of checkpoint-format tensors; the engine verifies ``checksums`` before loading."""
-        self.transport.update(tensors, checksums)
-
-    def finish_weight_update(self) -> None:
-        self.transport.finish()  # and resets the prefix cache
-        self._reinstall_adapter()
-
-    def _reinstall_adapter(self) -> None:
-        # vLLM drops every adapter after a base-weight update (reset_lora_state); put the in-memory one back
-        if self.adapter is not None:
-            self.transport.call_worker("qrl_reinstall_adapter")
-
-    def update_adapter(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
-        """QeRL mode: swap the served adapter (PEFT names) in memory; the previous one stays if any check fails."""
-        if self.adapter is None:
-            raise RuntimeError("update_adapter: this engine serves no LoRA adapter (start it with adapter=...)")
-        self.transport.update_adapter(tensors, checksums, adapter_info(self.adapter.spec, self.adapter.lora_id))
-
-    def update_norms(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
-        """Trained decoder-layer RMSNorm weights (HF names), checksummed and copied in place."""
-        self.transport.update_norms(tensors, checksums)
 
     def parameter_checksums(self) -> dict[str, float]:
         return self.llm.collective_rpc("qrl_parameter_checksums")[0]
