@@ -69,7 +69,15 @@ def test_lora_bf16_adapter_loads_in_peft_and_the_merged_model_in_transformers_an
     from qrl_megatron.rollout.vllm_engine import VLLMEngine
 
     run = tmp_path / "lora-bf16"
-    qrl_train(run, run_cache_dir, *LORA, "learner.base_format=bf16", "rollout.quant=bf16", "trainer.max_steps=1")
+    qrl_train(
+        run,
+        run_cache_dir,
+        *LORA,
+        "learner.base_format=bf16",
+        "rollout.quant=bf16",
+        "trainer.max_steps=1",
+        "learner.lr_warmup_steps=0",
+    )
     policy = Path(json.loads((run / "eval.json").read_text())["policy"])
     sequences = [[1, 5, 9, 12, 20, 7, 3], [2, 8, 8, 30, 11]]
     base = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
