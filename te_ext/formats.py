@@ -98,6 +98,10 @@ DESCRIPTORS: dict[str, FormatDescriptor] = {
         replicated_column=("weight_global_scale",),
         replicated_row=("weight_global_scale",),
         per_tensor_components=("weight_global_scale",),
+        # the engine computes in bf16 on the decoded weights; on a 2-core AMD EPYC (AVX2) the warm-started tiny
+        # policy read 0.057-0.061 nats mean against the float32 reference (0.019 on the Intel CI machine kind), so
+        # 0.05 stopped healthy runs; a stale engine reads 0.3 and more
+        probe_tolerance=0.1,
         exportable=True,
     ),
     "mxfp4": FormatDescriptor("mxfp4", block_k=MXFP4_BLOCK),

@@ -22,8 +22,7 @@ class SyncConfig:
     probe_every: int = doc(10, "logprob probe (engine vs dequantized reference forward) every N syncs (0: off)")
     probe_tolerance: float = doc(
         0.0,
-        "largest allowed mean probe |logprob gap| in nats (0: 0.05 for bf16/nvfp4, 0.1 for the W8A8 fp8/int8; twice "
-        "that with learner.lora)",
+        "largest allowed mean probe |logprob gap| in nats (0: the format's, 0.05 for bf16, 0.1 for nvfp4/fp8/int8)",
     )
     probe_sequences: int = doc(4, "held-out prompt+answer sequences the probe scores")
 
