@@ -265,8 +265,8 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
                 metrics.update(flat_metrics(driver.evaluate(step)))  # eval_accuracy, eval/<set>/pass@k, ...
             if step == start_step + 1:  # the data accounting, once: data/<split>/skipped_<reason>
                 metrics.update({f"data/{k}/{m}": float(v) for k, r in task.report.items() for m, v in r.items()})
-                # rank 0's bytes of base weights, adapter, gradients and optimizer state (Adam's state now exists)
-                evals["learner_memory"] = learner_memory(learner)
+            if step == 1:  # rank 0's bytes of base weights, adapter, gradients, optimizer state (Adam's now exists)
+                evals["learner_memory"] = learner_memory(learner)  # a resumed run keeps its first step's figures
                 metrics.update({f"memory/{k}_bytes": float(v) for k, v in evals["learner_memory"].items()})
             # QeRL AQN: noise on the engine's RMSNorm weights for the next rollout (the sync restored clean ones;
             # the probe and the evaluation above saw the clean policy)
