@@ -211,17 +211,41 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     # the first rollout is in AQN stage 0 (no noise); a resumed run re-applies the noise its last step drew
     aqn_sigma = aqn(driver.engine, start_step) if driver and start_step else 0.0
 
-    def restart_engine(step: int) -> None:
-        """A new engine for one that died, holding the learner's weights (and the noise AQN drew) as of ``step - 1``."""
+    def replace_engine() -> None:
+        """Rank 0: a new engine for one that died (it holds the start-up weights until the next sync)."""
         if driver:
             try:
                 driver.engine.close()
             except Exception as err:  # noqa: BLE001 -- a dead engine may fail to close; the new one matters
                 print(f"closing the dead engine failed ({type(err).__name__}: {err}); starting a new one", flush=True)
             driver.engine = start_engine()
+
+    def restart_engine(step: int) -> None:
+        """A new engine for one that died, holding the learner's weights (and the noise AQN drew) as of ``step - 1``."""
+        replace_engine()
         sync(learner, driver.engine if driver else None, step - 1)
         if driver:
             aqn(driver.engine, step - 1)
+
+    def sync_step(step: int) -> dict[str, float]:
+        """Collective: the weight sync of ``step``, retried on a new engine when the engine died during it (a death
+        between the rollout and the sync, or in the sync, would otherwise end the run)."""
+        for attempt in range(cfg.trainer.engine_restarts + 1):
+            try:
+                outcome: tuple[str, Any] = ("ok", sync(learner, driver.engine if driver else None, step))
+            except EngineDied as err:
+                outcome = ("died", str(err))
+            status, payload = _broadcast(outcome if driver else None)
+            if status == "ok":
+                return outcome[1]
+            if attempt < cfg.trainer.engine_restarts:
+                if driver:
+                    print(f"step {step}: {payload} during the weight sync; restarting the engine", flush=True)
+                replace_engine()
+        raise RunStopped(
+            f"the rollout engine died {cfg.trainer.engine_restarts + 1} times in the weight sync of step {step} "
+            f"({payload}); giving up (trainer.engine_restarts)"
+        )
 
     rl_start, step = time.perf_counter(), start_step
     for step in range(start_step + 1, cfg.trainer.max_steps + 1):
@@ -256,7 +280,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
             )
 
         # weight sync: learner -> engine, in place
-        sync_metrics = sync(learner, driver.engine if driver else None, step)
+        sync_metrics = sync_step(step)
 
         if driver and logger:
             metrics = _step_metrics(result.metrics, mismatch, updates, train_seconds, sync_metrics)

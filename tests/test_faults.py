@@ -119,6 +119,24 @@ def test_engine_kill_kill_9_and_preemption_leave_the_run_bit_identical(tmp_path,
 
 
 @pytest.mark.e2e
+def test_engine_death_before_the_weight_sync_restarts_the_engine(tmp_path, run_cache_dir):
+    """The engine core dies after step 2's rollout (killed from the reward stage): the sync finds it dead, raises
+    EngineDied instead of waiting forever on the RPC, and the run goes on with a new engine."""
+    run = tmp_path / "run"
+    command = qrl_train_command(
+        run, run_cache_dir, "trainer.max_steps=3", "reward.fn=fault_rewards:kill_engine_in_step_2",
+        "algo.dynamic_sampling=false", "trainer.checkpoint=false",
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "QRL_FAULT_RUN_DIR": str(run)}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 2: the colocated vLLM engine core died" in result.stdout, result.stdout[-3000:]
+    assert "during the weight sync; restarting the engine" in result.stdout
+    assert (run / "engine_killed").is_file()
+    assert [r["step"] for r in _deterministic_rows(run)] == [1, 2, 3]
+
+
+@pytest.mark.e2e
 def test_consecutive_non_finite_steps_stop_the_run_with_one_line(tmp_path, run_cache_dir):
     command = qrl_train_command(
         tmp_path / "run", run_cache_dir, "trainer.max_steps=4", "reward.fn=fault_rewards:huge_reward",

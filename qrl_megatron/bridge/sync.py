@@ -122,7 +122,10 @@ class BridgeWeightSync:
         failure: BaseException | None = None
         start = time.perf_counter()
         if is_dst:
-            engine.start_weight_update()  # type: ignore[union-attr]
+            try:
+                engine.start_weight_update()  # type: ignore[union-attr]
+            except Exception as e:  # noqa: BLE001 - re-raised once the collectives are done
+                failure = e
         for index in range(self.plan.num_buckets):
             # every bucket is executed even after a failure: the other ranks are in its collectives
             wire = execute_bucket(self.plan, index, self.params, layout, self.dst)

@@ -12,7 +12,8 @@ adapters arrive in memory (``update_adapter``, rollout/lora_swap.py) instead of 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from qrl_megatron.bridge.transport import SharedMemoryTransport
@@ -38,15 +39,26 @@ class _CollectiveRpcChannel:
         self.llm = llm
 
     def call(self, name: str, info: Mapping[str, Any] | None = None) -> Any:
-        if info is None:
-            return self.llm.collective_rpc(name)
-        return self.llm.collective_rpc(name, args=(dict(info),))
+        return self.rpc(name) if info is None else self.rpc(name, dict(info))
 
     def rpc(self, method: str, *args: Any) -> list[Any]:
-        return self.llm.collective_rpc(method, args=args)
+        with _engine_alive():
+            return self.llm.collective_rpc(method, args=args)
 
     def reset_prefix_cache(self) -> None:
-        self.llm.reset_prefix_cache()
+        with _engine_alive():
+            self.llm.reset_prefix_cache()
+
+
+@contextmanager
+def _engine_alive() -> Iterator[None]:
+    """A weight call to a dead engine core raises EngineDied (the trainer restarts the engine), not vLLM's error."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    try:
+        yield
+    except EngineDeadError as err:
+        raise EngineDied(f"the colocated vLLM engine core died: {err}") from err
 
 
 class EngineWatchdog:
@@ -54,9 +66,10 @@ class EngineWatchdog:
 
     Patch of vLLM 0.32.0's ``SyncMPClient`` behaviour (the colocated engine with its engine core in a separate
     process): when that process dies, the client's monitor thread marks it dead and closes its sockets, but nothing
-    wakes a ``get_output()`` that is already waiting on the output queue -- the call hangs forever (measured: a
-    SIGKILLed engine core left the trainer blocked). The watchdog puts vLLM's own ``EngineDeadError`` on that
-    queue when the client is marked dead, or when a call runs past ``timeout_s`` (a hung engine), once; after that
+    wakes a ``get_output()`` that is already waiting on the output queue, nor a ``collective_rpc`` waiting on its
+    utility future -- the call hangs forever (measured: a SIGKILLed engine core left the trainer blocked). The
+    watchdog puts vLLM's own ``EngineDeadError`` on that queue and on every pending utility future when the client
+    is marked dead, or on the queue when a generate call runs past ``timeout_s`` (a hung engine), once; after that
     the engine is treated as dead and the trainer restarts it. A client without those internals (vLLM's
     in-process client) is not watched.
     """
@@ -89,6 +102,11 @@ class EngineWatchdog:
             else:
                 continue
             self.client.outputs_queue.put_nowait(EngineDeadError())
+            # a weight call (collective_rpc) waits on its utility future, which vLLM never fails either (measured:
+            # an engine core killed during a weight sync left the trainer blocked there)
+            for future in list(getattr(self.client, "utility_results", {}).values()):
+                if not future.done():
+                    future.set_exception(EngineDeadError())
             return
 
     def close(self) -> None:
