@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from qrl_megatron.bridge.checksum import WeightVerificationError, checksums
+from qrl_megatron.bridge.sync import logprob_gaps
 from qrl_megatron.learner.batch import pack_sequences
 from qrl_megatron.lora.adapter import AdapterSpec, adapter_bytes, norm_shapes
 from qrl_megatron.lora.layers import gather_adapter
@@ -105,9 +106,7 @@ class AdapterSync:
             "sync_gbps": sent / max(seconds, 1e-9) / 1e9,
         }
         if reference is not None:
-            got = engine.prompt_logprobs(self.sequences)
-            gaps = [abs(a - b) for ra, rb in zip(got, reference, strict=True) for a, b in zip(ra, rb, strict=True)]
-            gap_max, gap_mean = max(gaps), sum(gaps) / len(gaps)
+            gap_max, gap_mean = logprob_gaps(engine.prompt_logprobs(self.sequences), reference)
             metrics.update(probe_gap_max=gap_max, probe_gap_mean=gap_mean)
             if not gap_mean <= self.probe_tolerance:
                 raise WeightVerificationError(

@@ -78,9 +78,13 @@ class LogprobProbe:
     def __call__(self, engine: Any, weights: Tensors) -> tuple[float, float]:
         """(max, mean) |engine - reference| logprob over all probe tokens."""
         expected = self.reference(weights)
-        got = engine.prompt_logprobs(self.sequences)
-        gaps = [abs(a - b) for ra, rb in zip(got, expected, strict=True) for a, b in zip(ra, rb, strict=True)]
-        return max(gaps), sum(gaps) / len(gaps)
+        return logprob_gaps(engine.prompt_logprobs(self.sequences), expected)
+
+
+def logprob_gaps(got: Sequence[Sequence[float]], expected: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """(max, mean) |got - expected| over every token of every probe sequence."""
+    gaps = [abs(a - b) for ra, rb in zip(got, expected, strict=True) for a, b in zip(ra, rb, strict=True)]
+    return max(gaps), sum(gaps) / len(gaps)
 
 
 def decode_wire(tensors: Tensors, fmt: str) -> Tensors:

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
-from qrl_megatron.bridge.checksum import WeightVerificationError, checksums
+from qrl_megatron.bridge.checksum import WeightVerificationError, checksums, compare_checksums
 from qrl_megatron.rollout.lora_swap import ADAPTER_ERROR_MARKER, AdapterUpdateError
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "WeightVerificationError",
     "checksums",
     "raise_verification_error",
+    "read_bucket",
     "write_bucket",
 ]
 
@@ -78,6 +79,19 @@ def write_bucket(tensors: Mapping[str, torch.Tensor]) -> Iterator[str]:
         path = os.path.join(tmp, "bucket.safetensors")
         save_file({k: v.contiguous() for k, v in tensors.items()}, path)
         yield path
+
+
+def read_bucket(path: str, sums: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Engine side of :func:`write_bucket`: the bucket's tensors, each checked against the sender's checksum first
+    (WeightVerificationError naming every altered or missing tensor); an empty manifest: the sender opted out."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weight bucket {path} does not exist on the engine's host")
+    tensors = load_file(path)
+    if sums:
+        compare_checksums(sums, tensors)
+    return tensors
 
 
 def _engine_detail(text: str, marker: str) -> str:
@@ -147,15 +161,16 @@ class SharedMemoryTransport:
         ``targets``, ``lora_id``). The engine verifies ``sums`` and validates the whole adapter before touching the
         one it serves; on any failure it keeps that one and this raises.
         """
-        with write_bucket(tensors) as path:
-            info = {**adapter_info, "path": path, "checksums": dict(sums)}
-            reports = self.call_worker("qrl_load_adapter", info)
-        self.channel.reset_prefix_cache()  # cached prefixes hold KV computed with the old adapter
-        return reports
+        return self._bucket_to_worker("qrl_load_adapter", tensors, sums, adapter_info)
 
     def update_norms(self, tensors: Mapping[str, torch.Tensor], sums: Mapping[str, str]) -> list[Any]:
         """Copy trained decoder-layer RMSNorm weights (HF names) into the engine in place, then drop cached prefixes."""
+        return self._bucket_to_worker("qrl_set_norms", tensors, sums, {})
+
+    def _bucket_to_worker(
+        self, method: str, tensors: Mapping[str, torch.Tensor], sums: Mapping[str, str], info: Mapping[str, Any]
+    ) -> list[Any]:
         with write_bucket(tensors) as path:
-            reports = self.call_worker("qrl_set_norms", {"path": path, "checksums": dict(sums)})
-        self.channel.reset_prefix_cache()
+            reports = self.call_worker(method, {**info, "path": path, "checksums": dict(sums)})
+        self.channel.reset_prefix_cache()  # cached prefixes hold KV computed with the old adapter / norms
         return reports

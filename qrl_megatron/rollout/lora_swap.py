@@ -26,7 +26,6 @@ Everything imports without vLLM; vLLM is imported inside the worker-side functio
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ from typing import Any
 
 import torch
 
-from qrl_megatron.bridge.checksum import compare_checksums
 from qrl_megatron.lora.adapter import NORM_NAMES, AdapterSpec, adapter_shapes, peft_adapter_config
 
 __all__ = [
@@ -113,17 +111,6 @@ class _AdapterState:
     tensors: dict[str, torch.Tensor]
     adapter: AdapterSpec
     lora_id: int
-
-
-def _load_bucket(path: str, sums: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"adapter bucket {path} does not exist on the engine's host")
-    tensors = load_file(path)
-    if sums:  # an empty manifest: the sender opted out (as for the qrl_shm weight buckets)
-        compare_checksums(sums, tensors)  # WeightVerificationError naming each altered / missing tensor
-    return tensors
 
 
 def _worker_lora_manager(worker: Any) -> Any:
@@ -213,8 +200,11 @@ def _install(worker: Any, tensors: dict[str, torch.Tensor], state: _AdapterState
 
 def load_adapter(worker: Any, info: Mapping[str, Any]) -> dict[str, Any]:
     """``qrl_load_adapter``: verify, validate and swap in the adapter bucket described by ``info``
-    (:func:`adapter_info` plus ``path`` and ``checksums``). Keeps the pristine tensors on ``worker`` for :func:`reinstall_adapter`."""
-    tensors = _load_bucket(str(info["path"]), info["checksums"])
+    (:func:`adapter_info` plus ``path`` and ``checksums``). Keeps the pristine tensors on ``worker`` for
+    :func:`reinstall_adapter`."""
+    from qrl_megatron.bridge.transport import read_bucket  # (transport imports this module)
+
+    tensors = read_bucket(str(info["path"]), info["checksums"])
     try:
         adapter = AdapterSpec(rank=int(info["rank"]), alpha=float(info["alpha"]), targets=tuple(info["targets"]))
         state = _AdapterState(tensors, adapter, int(info["lora_id"]))
@@ -249,7 +239,9 @@ def set_norms(worker: Any, info: Mapping[str, Any]) -> dict[str, Any]:
     """
     from vllm.model_executor.layers.layernorm import RMSNorm
 
-    tensors = _load_bucket(str(info["path"]), info["checksums"])
+    from qrl_megatron.bridge.transport import read_bucket
+
+    tensors = read_bucket(str(info["path"]), info["checksums"])
     model = worker.model_runner.get_model()
     norms = {name: m for name, m in model.named_modules() if isinstance(m, RMSNorm) and m.has_weight}
     problems: list[str] = []

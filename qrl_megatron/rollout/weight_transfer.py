@@ -16,7 +16,6 @@ arrived, so buckets may split a model anywhere between tensors.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,15 +101,9 @@ def _engine_class() -> type:
             self.receive_weights(self.parse_update_info(update_info))
 
         def receive_weights(self, update_info: Any) -> None:
-            from safetensors.torch import load_file
+            from qrl_megatron.bridge.transport import read_bucket
 
-            from qrl_megatron.bridge.checksum import compare_checksums
-
-            if not os.path.isfile(update_info.path):
-                raise FileNotFoundError(f"weight bucket {update_info.path} does not exist on the engine's host")
-            tensors = load_file(update_info.path)
-            if self.verify_checksums and update_info.checksums:  # an empty manifest: the sender opted out
-                compare_checksums(update_info.checksums, tensors)
+            tensors = read_bucket(update_info.path, update_info.checksums if self.verify_checksums else {})
             self.model.load_weights(iter(tensors.items()))  # type: ignore[operator]
             for name, t in tensors.items():
                 self.received[name] = t.numel()
