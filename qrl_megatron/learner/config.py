@@ -74,6 +74,17 @@ class LearnerConfig:
     adam_beta2: float = doc(0.99, "AdamW beta2")
     grad_clip: float = doc(1.0, "global gradient-norm clip (0 = off)")
     micro_batch_size: int = doc(32, "sequences per micro-batch on one DP rank")
+    micro_batch_tokens: int = doc(
+        0,
+        "token budget per micro-batch (0: learner.micro_batch_size sequences each); > 0: length-sorted groups "
+        "with count x padded longest length <= budget, each padded to its own longest (multiple of 8)",
+    )
+    recompute: str = doc(
+        "none", "activation recompute in the backward: none, selective (core attention) or full (every layer)"
+    )
+    logprob_chunk_tokens: int = doc(
+        1024, "tokens per chunk of the fp32 log-softmax for logprobs/entropy (0: one full [tokens, vocab] pass)"
+    )
     distributed_optimizer: bool = doc(False, "shard optimizer state over DP (Megatron DistributedOptimizer)")
     threads: int = doc(0, "torch threads per learner process (0 = cores / processes)")
     lora: LoRAConfig = doc(text="LoRA adapters on a frozen base (QeRL mode)", factory=LoRAConfig)
@@ -99,6 +110,9 @@ class LearnerConfig:
         for key in ("tp", "pp", "dp", "micro_batch_size"):
             check_positive(f"{prefix}.{key}", getattr(self, key))
         check_choice(f"{prefix}.precision", self.precision, ("fp32", "bf16", "fp8", "nvfp4"))
+        check_choice(f"{prefix}.recompute", self.recompute, ("none", "selective", "full"))
+        check_positive(f"{prefix}.micro_batch_tokens", self.micro_batch_tokens, allow_zero=True)
+        check_positive(f"{prefix}.logprob_chunk_tokens", self.logprob_chunk_tokens, allow_zero=True)
         check_positive(f"{prefix}.lr", self.lr)
         check_positive(f"{prefix}.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
         check_choice(f"{prefix}.lr_schedule", self.lr_schedule, ("constant", "cosine"))

@@ -4,7 +4,7 @@
   patched modules/callables with reasons, the megatron-core version guard, ``cuda_tensor_compat``). Changes
   when megatron-core does.
 * :mod:`~qrl_megatron.platform.distributed` -- device / back-end choice and process-group set-up
-  (``is_cuda_available``, ``default_backend``, ``init_distributed``, ``destroy_distributed``,
+  (``is_cuda_available``, ``device``, ``default_backend``, ``init_distributed``, ``destroy_distributed``,
   ``ParallelLayout``). Changes when the launch story does.
 * :mod:`~qrl_megatron.platform.layout` -- ``validate_layout``, the one pure TP x PP x DP check shared by the
   model builder and the bridge plan. Changes when a parallelism constraint does.
@@ -23,6 +23,7 @@ from qrl_megatron.platform.distributed import (
     ParallelLayout,
     default_backend,
     destroy_distributed,
+    device,
     init_distributed,
     is_cuda_available,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "cuda_tensor_compat",
     "default_backend",
     "destroy_distributed",
+    "device",
     "init_distributed",
     "is_cpu_shim_applied",
     "is_cuda_available",

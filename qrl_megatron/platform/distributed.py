@@ -22,6 +22,7 @@ __all__ = [
     "ParallelLayout",
     "default_backend",
     "destroy_distributed",
+    "device",
     "init_distributed",
     "is_cuda_available",
 ]
@@ -30,6 +31,18 @@ __all__ = [
 def is_cuda_available() -> bool:
     """True when torch sees at least one CUDA device."""
     return bool(torch.cuda.is_available())
+
+
+def device() -> torch.device:
+    """The device the learner's tensors live on: this process's CUDA device when CUDA is in use, else the CPU.
+
+    The one place that decides it: batches, metric reductions (NCCL rejects CPU tensors) and positions follow it,
+    and it is the device megatron allocates its pipeline receive buffers on (``torch.cuda.current_device()``;
+    the CPU shim redirects that to the CPU, so both sides of a p2p transfer always agree).
+    """
+    if is_cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def default_backend() -> str:
