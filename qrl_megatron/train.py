@@ -58,6 +58,12 @@ def _broadcast(obj: T | None) -> T:
 
 def train(cfg: QRLConfig) -> dict[str, Any] | None:
     preemption = PreemptionFlag()  # first: a signal that arrives during start-up is honoured at the first step
+    from qrl_megatron.bridge.transport import resolve_transport
+
+    # before any process or model: sync.transport=cuda_ipc / nccl on a machine without CUDA is a one-line error
+    transport = resolve_transport(
+        cfg.sync.transport, cfg.rollout.engine, engine_tp=cfg.rollout.tp, server_url=cfg.rollout.server_url
+    )
     layout = init_distributed(cfg.learner.tp, cfg.learner.pp, cfg.learner.dp, seed=cfg.seed)
     torch.set_num_threads(cfg.learner.threads or max(1, (os.cpu_count() or 1) // layout.world_size))
     # the launcher built the base model before the ranks started: a cache hit here
@@ -169,6 +175,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
             sync.plan,
             adapter=serving,
             model_dir=engine_model_dir,
+            transport=transport,
         )
 
     if layout.rank == 0:

@@ -18,7 +18,14 @@ class SyncConfig:
         text="regexes on HF names of linears kept in bf16 (embeddings, lm_head, norms and biases always are)",
         factory=list,
     )
-    verify_checksums: bool = doc(True, "engine checks a CRC-32 of every received tensor before loading it")
+    verify_checksums: bool = doc(
+        True, "engine checks a checksum of every received tensor before loading it (CRC-32; on GPU a device word sum)"
+    )
+    transport: str = doc(
+        "auto",
+        "how buckets reach the engine: shm (/dev/shm files), cuda_ipc (same GPU), nccl (server on other GPUs/hosts); "
+        "auto: shm on CPU, cuda_ipc for an engine on the learner's GPU, nccl for a remote server",
+    )
     probe_every: int = doc(10, "logprob probe (engine vs dequantized reference forward) every N syncs (0: off)")
     probe_tolerance: float = doc(
         0.0,
@@ -28,6 +35,7 @@ class SyncConfig:
 
     def validate(self, prefix: str = "sync") -> None:
         check_choice(f"{prefix}.method", self.method, ("bridge", "full"))
+        check_choice(f"{prefix}.transport", self.transport, ("auto", "shm", "cuda_ipc", "nccl"))
         check_positive(f"{prefix}.bucket_mib", self.bucket_mib)
         for i, pattern in enumerate(self.exclude):
             try:

@@ -11,9 +11,21 @@ the worker verifies before loading; a failed check comes back as :class:`WeightV
 POST to the route of the same name for ``vllm serve``. The engines' ``start_weight_update`` / ``update_weights`` /
 ``finish_weight_update`` / ``load_weights`` delegate to it.
 
-A new transport (NCCL, CUDA IPC, ...) must be a new class in this module with the same
-``init`` / ``start`` / ``update`` / ``finish`` / ``load_weights`` methods, taking a :class:`WeightChannel`; the
-engines and the bridge stay as they are.
+A new transport must be a new class in this module with the same ``init`` / ``start`` / ``update`` / ``finish`` /
+``load_weights`` methods, taking a :class:`WeightChannel`; the engines and the bridge stay as they are. Two more
+drive vLLM's own GPU backends (engine side: :mod:`qrl_megatron.rollout.weight_transfer`), picked by
+``sync.transport`` (:func:`resolve_transport`):
+
+* :class:`CudaIpcTransport` (``cuda_ipc``): each bucket's tensors shared as CUDA IPC handles with an engine on the
+  learner's GPU (colocated, or a ``vllm serve`` started here on it);
+* :class:`NcclTransport` (``nccl``): each tensor broadcast over an NCCL group of the trainer (rank 0) and the
+  engine's workers (a ``vllm serve`` on other GPUs or hosts).
+
+vLLM's trainer-side engines (``IPCTrainerWeightTransferEngine``, ``NCCLTrainerWeightTransferEngine``) are not used:
+they take a whole-model ``WeightSource`` and run start -> update -> finish themselves, and the IPC one all-gathers
+handles over the default process group, which only the bridge's sending rank enters here. These classes build
+vLLM's update infos themselves and open the NCCL endpoint with vLLM's ``nccl_common.trainer_init``. Checksums on
+the device (``wsum:``, :func:`qrl_megatron.bridge.checksum.word_checksum`) never copy a tensor to the host.
 
 QeRL mode (LoRA on a frozen base) sends only the adapter: :meth:`SharedMemoryTransport.update_adapter` and
 :meth:`~SharedMemoryTransport.update_norms` write one checksummed bucket each, like :meth:`~SharedMemoryTransport.update`,
@@ -34,11 +46,17 @@ from typing import Any, Protocol
 import torch
 
 from qrl_megatron.bridge.checksum import WeightVerificationError, checksums, compare_checksums
+from qrl_megatron.config_fields import ConfigError
 from qrl_megatron.rollout.lora_swap import ADAPTER_ERROR_MARKER, AdapterUpdateError
 
 __all__ = [
+    "TRANSPORTS",
     "AdapterUpdateError",
+    "CudaIpcTransport",
+    "NcclTransport",
     "SharedMemoryTransport",
+    "make_transport",
+    "resolve_transport",
     "WeightChannel",
     "WeightVerificationError",
     "checksums",
@@ -116,6 +134,8 @@ def raise_verification_error(error: Exception) -> None:
 class SharedMemoryTransport:
     """Buckets as safetensors files in ``/dev/shm`` through the ``qrl_shm`` backend (engine on the same host)."""
 
+    backend = "qrl_shm"
+
     def __init__(self, channel: WeightChannel) -> None:
         self.channel = channel
 
@@ -174,3 +194,233 @@ class SharedMemoryTransport:
             reports = self.call_worker(method, {**info, "path": path, "checksums": dict(sums)})
         self.channel.reset_prefix_cache()  # cached prefixes hold KV computed with the old adapter / norms
         return reports
+
+
+# -- GPU transports ----------------------------------------------------------------------------------------------
+
+TRANSPORTS = ("auto", "shm", "cuda_ipc", "nccl")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+def _url_host(url: str) -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(url).hostname or ""
+
+
+def resolve_transport(
+    requested: str,
+    engine: str,
+    *,
+    engine_tp: int = 1,
+    server_url: str = "",
+    cuda: bool | None = None,
+    key: str = "sync.transport",
+) -> str:
+    """The transport a run uses: ``requested`` (``sync.transport``) checked against the machine and the engine.
+
+    ``auto``: ``shm`` without CUDA; on GPU ``cuda_ipc`` for an engine on the learner's GPU (colocated at TP 1, or a
+    server started here: it inherits the learner's devices), ``nccl`` for a server at ``rollout.server_url``
+    (another GPU or host), ``shm`` for a colocated engine at TP > 1 (its workers sit on GPUs whose IPC handles the
+    sending rank does not hold). An explicit GPU transport without CUDA, or one the engine cannot use, is a
+    ConfigError naming ``key``.
+    """
+    if cuda is None:
+        cuda = bool(torch.cuda.is_available())
+    if requested not in TRANSPORTS:
+        raise ConfigError(f"{key}={requested!r} is not one of {', '.join(TRANSPORTS)}")
+    if requested == "auto":
+        if not cuda:
+            return "shm"
+        if engine == "server":
+            return "nccl" if server_url else "cuda_ipc"
+        return "cuda_ipc" if engine_tp == 1 else "shm"
+    if requested == "shm":
+        return requested
+    if not cuda:
+        raise ConfigError(
+            f"{key}={requested} needs CUDA (torch.cuda.is_available() is False); use {key}=auto or shm on CPU"
+        )
+    if requested == "cuda_ipc":
+        if engine == "server" and server_url and _url_host(server_url) not in _LOOPBACK:
+            raise ConfigError(
+                f"{key}=cuda_ipc needs the engine on the learner's GPU, but rollout.server_url={server_url} is "
+                f"another host; use {key}=nccl"
+            )
+        if engine != "server" and engine_tp != 1:
+            raise ConfigError(
+                f"{key}=cuda_ipc sends from the learner's rank-0 GPU, which holds no IPC handle for the other GPUs of "
+                f"rollout.tp={engine_tp}; use rollout.tp=1 or {key}=shm"
+            )
+    if requested == "nccl" and engine != "server":
+        raise ConfigError(
+            f"{key}=nccl needs rollout.engine=server on other GPUs (a colocated engine shares the learner's GPU, and "
+            f"NCCL cannot put two ranks on one device); use {key}=cuda_ipc"
+        )
+    return requested
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _on_device(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    # the bridge's buckets are on the learner's device already; a host tensor (a CPU-built bucket) is copied once
+    return {name: t.detach().to(device).contiguous() for name, t in tensors.items()}
+
+
+def _metadata(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    return {
+        "names": list(tensors),
+        "dtype_names": [str(t.dtype).removeprefix("torch.") for t in tensors.values()],
+        "shapes": [list(t.shape) for t in tensors.values()],
+    }
+
+
+def ipc_update_info(
+    tensors: Mapping[str, torch.Tensor], sums: Mapping[str, str], handles: list[dict[str, dict[str, Any]]]
+) -> dict[str, Any]:
+    """The ``update_weights`` info of the ``qrl_cuda_ipc`` backend (vLLM's IPC update info + checksums):
+    ``handles[i]`` maps a GPU UUID to :func:`~qrl_megatron.rollout.weight_transfer.ipc_args_to_wire` of tensor i."""
+    return {**_metadata(tensors), "handles": handles, "checksums": dict(sums)}
+
+
+def nccl_init_info(address: str, port: int, world_size: int, verify_checksums: bool = True) -> dict[str, Any]:
+    """The ``init_weight_transfer_engine`` info of the ``qrl_nccl`` backend: vLLM's NCCL init info (the workers at
+    ranks 1.., after the trainer's rank 0; unpacked) + whether to verify checksums."""
+    return {
+        "master_address": address,
+        "master_port": int(port),
+        "rank_offset": 1,
+        "world_size": int(world_size),
+        "packed": False,
+        "verify_checksums": verify_checksums,
+    }
+
+
+def nccl_update_info(tensors: Mapping[str, torch.Tensor], sums: Mapping[str, str]) -> dict[str, Any]:
+    """The ``update_weights`` info of the ``qrl_nccl`` backend: what the workers receive, in broadcast order."""
+    return {**_metadata(tensors), "checksums": dict(sums)}
+
+
+class CudaIpcTransport(SharedMemoryTransport):
+    """Buckets as CUDA IPC handles through the ``qrl_cuda_ipc`` backend (vLLM's IPC engine; same GPU).
+
+    The engine maps each tensor of the bucket, verifies its device checksum and loads it, all inside the
+    ``update_weights`` call, so the bucket only has to stay alive for that call; ``finish`` releases the IPC
+    reference counts (``torch.cuda.ipc_collect``). Adapter and norm updates (QeRL mode, small) stay on the
+    shared-memory files of :class:`SharedMemoryTransport`.
+    """
+
+    backend = "qrl_cuda_ipc"
+
+    def init(self, verify_checksums: bool = True) -> None:
+        self.channel.call("init_weight_transfer_engine", {"packed": False, "verify_checksums": verify_checksums})
+
+    def update(self, tensors: Mapping[str, torch.Tensor], sums: Mapping[str, str]) -> None:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        from qrl_megatron.rollout.weight_transfer import ipc_args_to_wire
+
+        device = _device()
+        shared = _on_device(tensors, device)
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        handles = [{uuid: ipc_args_to_wire(reduce_tensor(t)[1])} for t in shared.values()]
+        torch.cuda.current_stream(device).synchronize()  # the copies above must have landed before the engine reads
+        try:
+            self.channel.call("update_weights", ipc_update_info(shared, sums, handles))
+        except Exception as e:
+            raise_verification_error(e)
+            raise
+        finally:
+            del shared  # the engine has copied them into its parameters (or refused them)
+
+    def finish(self) -> None:
+        super().finish()
+        torch.cuda.ipc_collect()
+
+
+class NcclTransport(SharedMemoryTransport):
+    """Buckets broadcast over NCCL through the ``qrl_nccl`` backend (vLLM's NCCL engine; other GPUs or hosts).
+
+    ``init`` forms the group (vLLM's ``StatelessProcessGroup`` rendezvous at ``address:port``, the trainer as rank 0,
+    the engine's ``engine_world_size`` workers after it); each ``update`` sends the bucket's metadata in the
+    ``update_weights`` call and, concurrently (both sides meet in the same NCCL calls), broadcasts its tensors in
+    that order. The workers hold the whole bucket, verify it and then load it.
+    """
+
+    backend = "qrl_nccl"
+
+    def __init__(self, channel: WeightChannel, engine_world_size: int, address: str, port: int = 0) -> None:
+        super().__init__(channel)
+        self.world_size = 1 + int(engine_world_size)
+        self.address, self.port = address, port
+        self.group: Any = None
+
+    def init(self, verify_checksums: bool = True) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from vllm.distributed.weight_transfer.nccl_common import trainer_init
+
+        from qrl_megatron.utils.net import free_port
+
+        port = self.port or free_port(self.address)
+        info = nccl_init_info(self.address, port, self.world_size, verify_checksums)
+        # the workers block in init_weight_transfer_engine until the rendezvous completes: open ours meanwhile
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(self.channel.call, "init_weight_transfer_engine", info)
+            self.group = trainer_init(info)
+            future.result()
+
+    def update(self, tensors: Mapping[str, torch.Tensor], sums: Mapping[str, str]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.group is None:
+            raise RuntimeError("NcclTransport.update before init(): no NCCL group with the engine")
+        ordered = _on_device(tensors, _device())
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
+            future = pool.submit(self.channel.call, "update_weights", nccl_update_info(ordered, sums))
+            if future.done():
+                future.result()  # refused before any NCCL call: do not broadcast into the void
+            stream = torch.cuda.current_stream()
+            for t in ordered.values():
+                self.group.broadcast(t, src=0, stream=stream)
+            stream.synchronize()
+            future.result()  # the worker's checksum report, if any
+        except Exception as e:
+            raise_verification_error(e)
+            raise
+        finally:
+            pool.shutdown(wait=False)  # a broadcast that raised leaves the worker blocked: never join it
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.destroy()
+            self.group = None
+
+
+def nccl_address(server_url: str) -> str:
+    """The trainer's address as the engine at ``server_url`` reaches it: loopback for a local server, else the
+    interface the route to the server's host leaves from (no packet is sent)."""
+    import socket
+
+    host = _url_host(server_url) if server_url else "127.0.0.1"
+    if host in _LOOPBACK:
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, 9))
+        return str(s.getsockname()[0])
+
+
+def make_transport(
+    name: str, channel: WeightChannel, *, engine_world_size: int = 1, server_url: str = ""
+) -> SharedMemoryTransport:
+    """The transport class ``name`` (a resolved ``sync.transport``: shm, cuda_ipc or nccl) over ``channel``."""
+    if name == "shm":
+        return SharedMemoryTransport(channel)
+    if name == "cuda_ipc":
+        return CudaIpcTransport(channel)
+    if name == "nccl":
+        return NcclTransport(channel, engine_world_size, nccl_address(server_url))
+    raise ValueError(f"unknown weight transport {name!r} (resolve sync.transport first: shm, cuda_ipc or nccl)")

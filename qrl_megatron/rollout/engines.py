@@ -36,18 +36,28 @@ def make_engine(
     *,
     adapter: LoRAServing | None = None,
     model_dir: str | Path | None = None,
+    transport: str = "shm",
 ) -> RolloutEngine:
     """The engine ``rollout.engine`` names, started from ``policy_dir`` (exported first when quantized) or from
-    ``model_dir`` (already in the rollout format); ``adapter``: QeRL mode, the LoRA adapter it serves."""
+    ``model_dir`` (already in the rollout format); ``adapter``: QeRL mode, the LoRA adapter it serves;
+    ``transport``: how weights reach it (a resolved ``sync.transport``, bridge/transport.resolve_transport)."""
     model_dir = str(model_dir or rollout_model_dir(rollout, run_dir, policy_dir, plan))
     if rollout.engine == "server":
         from qrl_megatron.rollout.server_engine import VLLMServerEngine
 
         if adapter is not None:
             return VLLMServerEngine(
-                model_dir, rollout, seed=seed, max_model_len=max_model_len, url=rollout.server_url, adapter=adapter
+                model_dir,
+                rollout,
+                seed=seed,
+                max_model_len=max_model_len,
+                url=rollout.server_url,
+                adapter=adapter,
+                transport=transport,
             )
-        return VLLMServerEngine(model_dir, rollout, seed=seed, max_model_len=max_model_len, url=rollout.server_url)
+        return VLLMServerEngine(
+            model_dir, rollout, seed=seed, max_model_len=max_model_len, url=rollout.server_url, transport=transport
+        )
     from qrl_megatron.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine(model_dir, rollout, seed=seed, max_model_len=max_model_len, adapter=adapter)
+    return VLLMEngine(model_dir, rollout, seed=seed, max_model_len=max_model_len, adapter=adapter, transport=transport)

@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from qrl_megatron.bridge.transport import SharedMemoryTransport
+from qrl_megatron.bridge.transport import make_transport
 from qrl_megatron.rollout.config import RolloutConfig
 from qrl_megatron.rollout.engine import (
     LAUNCHER_ENV,
@@ -58,7 +58,7 @@ from qrl_megatron.rollout.engine import (
     lora_engine_args,
     sampling_seed,
 )
-from qrl_megatron.rollout.weight_transfer import BACKEND as WEIGHT_TRANSFER_BACKEND
+from qrl_megatron.rollout.weight_transfer import BACKENDS as WEIGHT_TRANSFER_BACKENDS
 from qrl_megatron.utils.net import free_port
 
 _TOKEN_ID_PREFIX = "token_id:"
@@ -164,10 +164,14 @@ class VLLMServerEngine(TransportWeights):
         extra_env: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
         adapter: LoRAServing | None = None,
+        transport: str = "shm",
     ) -> None:
+        """``transport``: a resolved ``sync.transport`` (bridge/transport.resolve_transport); a server at ``url``
+        must have been started with its backend (``--weight-transfer-config '{"backend": "qrl_nccl"}'`` for nccl)."""
         from transformers import AutoTokenizer
 
         self.cfg, self.seed, self.model_dir = cfg, seed, str(model_dir)
+        self.weight_backend = WEIGHT_TRANSFER_BACKENDS[transport]
         self.adapter = adapter
         self.request_timeout_s = request_timeout_s
         self.proc: subprocess.Popen | None = None
@@ -175,7 +179,7 @@ class VLLMServerEngine(TransportWeights):
         self._log_dir = ""
         self._finalizer: weakref.finalize | None = None
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.transport = SharedMemoryTransport(_HttpChannel(self))
+        self.transport = make_transport(transport, _HttpChannel(self), engine_world_size=cfg.tp, server_url=url)
         if url:
             self.url = url.rstrip("/")
         else:
@@ -207,7 +211,7 @@ class VLLMServerEngine(TransportWeights):
             "--worker-extension-cls", "qrl_megatron.rollout.worker_extension.QRLWorkerExtension",
             "--enable-prefix-caching",
             "--tensor-parallel-size", str(cfg.tp),
-            "--weight-transfer-config", json.dumps({"backend": WEIGHT_TRANSFER_BACKEND}),
+            "--weight-transfer-config", json.dumps({"backend": self.weight_backend}),
             "--disable-uvicorn-access-log",
         ]  # fmt: skip
         if cfg.enforce_eager:

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from qrl_megatron.bridge.transport import SharedMemoryTransport
+from qrl_megatron.bridge.transport import make_transport
 from qrl_megatron.rollout.config import RolloutConfig
 from qrl_megatron.rollout.engine import (
     Completion,
@@ -27,7 +27,7 @@ from qrl_megatron.rollout.engine import (
     lora_engine_args,
     sampling_seed,
 )
-from qrl_megatron.rollout.weight_transfer import BACKEND as WEIGHT_TRANSFER_BACKEND
+from qrl_megatron.rollout.weight_transfer import BACKENDS as WEIGHT_TRANSFER_BACKENDS
 
 __all__ = ["Completion", "VLLMEngine"]
 
@@ -115,8 +115,15 @@ class EngineWatchdog:
 
 class VLLMEngine(TransportWeights):
     def __init__(
-        self, model_dir: str, cfg: RolloutConfig, seed: int, max_model_len: int, adapter: LoRAServing | None = None
+        self,
+        model_dir: str,
+        cfg: RolloutConfig,
+        seed: int,
+        max_model_len: int,
+        adapter: LoRAServing | None = None,
+        transport: str = "shm",
     ) -> None:
+        """``transport``: a resolved ``sync.transport`` (shm, cuda_ipc; bridge/transport.resolve_transport)."""
         from vllm import LLM
 
         self.cfg = cfg
@@ -141,12 +148,12 @@ class VLLMEngine(TransportWeights):
                 worker_extension_cls="qrl_megatron.rollout.worker_extension.QRLWorkerExtension",
                 enable_prefix_caching=True,
                 tensor_parallel_size=cfg.tp,
-                weight_transfer_config={"backend": WEIGHT_TRANSFER_BACKEND},
+                weight_transfer_config={"backend": WEIGHT_TRANSFER_BACKENDS[transport]},
                 **lora_engine_args(adapter),
             )
         self.tokenizer = self.llm.get_tokenizer()
         self.watchdog = EngineWatchdog(self.llm, cfg.call_timeout_s)
-        self.transport = SharedMemoryTransport(_CollectiveRpcChannel(self.llm))
+        self.transport = make_transport(transport, _CollectiveRpcChannel(self.llm), engine_world_size=cfg.tp)
         self.transport.init(verify_checksums=True)
 
     def generate(
