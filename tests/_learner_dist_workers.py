@@ -31,15 +31,30 @@ def rollout_like_batch(vocab_size: int, size: int = 8):
     return pack_sequences(prompts, completions, SEQ_LENGTH, 0, advantages=advantages, rollout_logprobs=behaviour)
 
 
-def update_worker(rank: int, world_size: int, tp: int, pp: int, dp: int, model_dir: str, micro_batch_size: int) -> dict:
-    """Two GRPO updates on the same global batch; returns losses, logprobs and the gathered weights (rank 0)."""
+def update_worker(
+    rank: int,
+    world_size: int,
+    tp: int,
+    pp: int,
+    dp: int,
+    model_dir: str,
+    micro_batch_size: int,
+    options: dict | None = None,
+) -> dict:
+    """Two GRPO updates on the same global batch; returns losses, logprobs and the gathered weights (rank 0).
+
+    ``options``: further LearnerConfig fields (the memory settings); the result then also holds this stage's
+    saved-activation bytes of one micro-batch."""
+    from qrl_megatron.learner.activations import measure_saved_activation_bytes
+
     layout = init_distributed(tp, pp, dp, seed=0)
     torch.set_num_threads(1)
     spec = load_spec(model_dir)
-    cfg = LearnerConfig(tp=tp, pp=pp, dp=dp, lr=1e-3, micro_batch_size=micro_batch_size)
+    cfg = LearnerConfig(tp=tp, pp=pp, dp=dp, lr=1e-3, micro_batch_size=micro_batch_size, **(options or {}))
     learner = Learner(spec, layout, cfg, load_hf_weights(model_dir), lr=cfg.lr, seq_length=SEQ_LENGTH)
     batch = rollout_like_batch(spec.vocab_size)
     local = batch.split(dp)[layout.dp_rank]
+    saved = measure_saved_activation_bytes(learner, local) if options else None
     out = learner.logprobs(local)
     if out is not None:  # last stage only: shift the proximal policy so the ratio is not 1 and the clip acts
         local.old_logprobs = out[0] + 0.15 * local.loss_mask * torch.sign(local.advantages).unsqueeze(-1)
@@ -57,6 +72,8 @@ def update_worker(rank: int, world_size: int, tp: int, pp: int, dp: int, model_d
         "old_logprobs": logprobs,
         "new_logprobs": after[0] if after is not None else None,
         "weights": gathered,
+        "loss_mask": local.loss_mask,
+        "saved_activation_bytes": saved,
     }
 
 

@@ -173,3 +173,34 @@ def test_one_train_step_on_cuda(tiny):
     batch.old_logprobs = learner.logprobs(batch)[0]
     metrics = learner.train_step(batch, LOSS, batch.num_tokens, len(batch))
     assert metrics["update_skipped"] == 0.0 and torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+# ------------------------------------------------------------------------------------------------ TP2 / PP2
+MEMORY_OPTIONS = {"recompute": "full", "micro_batch_tokens": 32, "logprob_chunk_tokens": 5}
+
+
+@pytest.mark.dist
+def test_memory_settings_keep_the_update_at_tp2_and_pp2(tiny, tiny_model_dir):
+    """Full recompute, 5-token logprob chunks (TP-gathered chunk by chunk) and variable-shape token-budget
+    micro-batches (p2p shapes exchanged at PP2) give the update of the plain one-process learner."""
+    from _learner_dist_workers import update_worker
+    from dist_utils import each_layout, run_distributed
+
+    threads = torch.get_num_threads()
+    try:  # the reference in this process (default settings); the worker pins one thread, give them back
+        reference = update_worker(0, 1, 1, 1, 1, str(tiny_model_dir), 2)
+    finally:
+        torch.set_num_threads(threads)
+    layouts = [(2, 1, 1), (1, 2, 1)]
+    per_rank = run_distributed(
+        each_layout, 2, update_worker, layouts, str(tiny_model_dir), 2, MEMORY_OPTIONS, timeout=300
+    )
+    mask = reference["loss_mask"] > 0
+    for layout in layouts:
+        results = [r[layout] for r in per_rank]
+        last = next(r for r in results if r["last_stage"] and r["tp_rank"] == 0)
+        assert last["losses"] == pytest.approx(reference["losses"], rel=1e-5, abs=1e-6), layout
+        torch.testing.assert_close(last["new_logprobs"][mask], reference["new_logprobs"][mask], atol=2e-5, rtol=1e-5)
+        for key, want in reference["weights"].items():
+            torch.testing.assert_close(results[0]["weights"][key], want, atol=2e-5, rtol=1e-4, msg=key)
+        assert all(r["saved_activation_bytes"] > 0 for r in results), layout  # every stage measures on its own

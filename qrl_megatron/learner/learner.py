@@ -208,6 +208,9 @@ class Learner:
         if cfg.micro_batch_tokens and layout.pp > 1:
             # micro-batches of different shapes: the stages exchange each activation's shape before the tensor
             overrides["variable_seq_lengths"] = True
+            # megatron refuses variable shapes with its default MoE dispatcher even in a dense model; this one
+            # is only ever used by MoE layers
+            overrides["moe_token_dispatcher_type"] = "alltoall"
         module = build_gpt_model(
             spec,
             layout,
