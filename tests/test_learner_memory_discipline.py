@@ -148,6 +148,7 @@ def test_token_budget_micro_batches_keep_loss_and_gradients_with_less_padding(ti
     by_count = _learner(tiny)
     by_tokens = _learner(tiny, micro_batch_tokens=32)
     groups = by_tokens._microbatches(batch)
+    assert by_tokens.device == torch.device("cpu")  # platform.device() without CUDA: the CPU path as before
     padded = sum(mb.tokens.numel() for mb, _ in groups)
     assert len(groups) > 1 and padded < batch.tokens.numel(), (padded, batch.tokens.numel())
     logp, entropy = by_count.logprobs(batch)

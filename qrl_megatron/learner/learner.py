@@ -275,7 +275,7 @@ class Learner:
         batch's length. Otherwise :func:`~qrl_megatron.learner.batch.token_budget_groups`: similar lengths
         together, each micro-batch cut to its own padded longest sequence.
         """
-        if not self.cfg.micro_batch_tokens:
+        if not self.cfg.micro_batch_tokens or not len(batch):  # (an empty share still runs one empty micro-batch)
             return [(mb.to(self.device), None) for mb in batch.split(self.num_microbatches(len(batch)))]
         lengths = batch.needed_lengths().tolist()
         groups = token_budget_groups(lengths, self.cfg.micro_batch_tokens, max_length=batch.tokens.shape[1])
