@@ -134,6 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    if "RANK" not in os.environ:
+        # the memory plan, once, before any process starts or any weight is read (qrl_megatron/plan.py); on CPU it
+        # checks the same per-GPU figures against gpu.memory_gb (host RAM is not checked)
+        from qrl_megatron.plan import check_plan
+
+        try:
+            refusal = check_plan(path, overrides, cfg)
+        except ConfigError as err:
+            print(f"qrl-train: config error: {err}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        if refusal:
+            print(f"qrl-train: {refusal}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
 
     from qrl_megatron.models.base import prepare_base_model
 

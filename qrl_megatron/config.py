@@ -29,6 +29,7 @@ from qrl_megatron.evals.config import EvalConfig
 from qrl_megatron.learner.config import LearnerConfig, WarmStartConfig
 from qrl_megatron.models.config import ModelConfig
 from qrl_megatron.models.tiny import TinyModelConfig
+from qrl_megatron.plan import GPUConfig
 from qrl_megatron.rewards.config import RewardConfig
 from qrl_megatron.rollout.config import AQNConfig, RolloutConfig
 from qrl_megatron.train_config import RunConfig, TrainerConfig
@@ -38,6 +39,7 @@ __all__ = [
     "AlgoConfig",
     "ConfigError",
     "EvalConfig",
+    "GPUConfig",
     "InvariantScalingConfig",
     "LearnerConfig",
     "ModelConfig",
@@ -77,6 +79,7 @@ class QRLConfig:
     sync: SyncConfig = doc(text="learner -> engine weight sync", factory=SyncConfig)
     trainer: TrainerConfig = doc(text="the RL loop", factory=TrainerConfig)
     eval: EvalConfig = doc(text="held-out evaluation (greedy, pass@k, mean@k)", factory=EvalConfig)
+    gpu: GPUConfig = doc(text="the GPU the memory plan is checked against (qrl-plan, qrl-train)", factory=GPUConfig)
 
     def validate(self) -> QRLConfig:
         for f in fields(self):

@@ -35,6 +35,7 @@ PUBLISHED = {
     "qwen2.5_14b": 14.77e9,
     "qwen2.5_32b": 32.76e9,
     "qwen2.5_32b_qerl": 32.76e9,
+    "qwen2.5_32b_1gpu": 32.76e9,
     "qwen2.5_72b": 72.7e9,
     "qwen3_8b": 8.19e9,
     "qwen3_32b": 32.8e9,
@@ -200,3 +201,20 @@ def test_readme_recipes_table() -> None:
     assert section, "README.md needs a '## Recipes' section"
     for recipe in PUBLISHED:
         assert f"configs/{recipe}.yaml" in section, recipe
+
+
+# ------------------------------------------------------------------------------------------- memory plans
+REFUSED = {"qwen2.5_32b_1gpu"}  # full-parameter 32B on one 80 GB GPU: exists to show the refusal
+
+
+def test_every_recipe_fits_its_gpus_but_the_refused_one(one_rank_layout: Any) -> None:
+    """The memory plan (qrl_megatron/plan.py) of each recipe against its 80 GB GPUs: accepted, except the recipe
+    that exists to be refused (its header says so)."""
+    from qrl_megatron.plan import make_plan, model_spec
+
+    for recipe in sorted(PUBLISHED):
+        cfg = recipe_cfg(recipe)
+        plan = make_plan(cfg, model_spec(cfg), one_rank_layout, recipe)
+        assert plan.fits == (recipe not in REFUSED), f"{recipe}: peak {plan.peak / 1e9:.1f} GB\n{plan.table()}"
+        if recipe in REFUSED:
+            assert "REFUSES" in recipe_path(recipe).read_text().split("\nseed:")[0]

@@ -6,8 +6,8 @@ no memory) and applying the same LoRA / frozen-base code, then counting gradient
 Megatron follows: an fp32 gradient buffer per trainable parameter (``grad_reduce_in_fp32``), two fp32 Adam moments,
 and an fp32 master copy when the parameters are bf16. A test checks that the two agree exactly on the tiny model.
 
-``python -m qrl_megatron.learner.memory CONFIG [key=value ...]`` prints the plan for a recipe (e.g. the 32B QeRL
-recipe) without loading any weights.
+``python -m qrl_megatron.learner.memory CONFIG [key=value ...]`` is an alias of ``qrl-plan`` (qrl_megatron/plan.py),
+which prints the whole per-GPU plan of a recipe (learner and engine) without loading any weights.
 """
 
 from __future__ import annotations
@@ -67,12 +67,11 @@ def learner_memory(learner: Any) -> dict[str, int]:
     return out
 
 
-def planned_learner_memory(spec: Any, layout: Any, cfg: Any, frozen_base_shapes: bool = True) -> dict[str, int]:
-    """The same items for ``spec`` at ``layout`` with learner config ``cfg``, computed on the meta device.
+def build_meta_stage(spec: Any, layout: Any, cfg: Any, frozen_base_shapes: bool = True) -> torch.nn.Module:
+    """This rank's stage as the learner builds it (LoRA and the frozen NVFP4 base included), on the meta device.
 
-    Needs megatron's parallel state for ``layout`` (``init_distributed``): the stage is built as the learner builds
-    it. The NVFP4 base is described by its checkpoint layout (``te_ext.formats``), so no weights are read.
-    """
+    Needs megatron's parallel state for ``layout`` (``init_distributed``). The NVFP4 base is described by its
+    checkpoint layout (``te_ext.formats``), so no weights are read."""
     from qrl_megatron.learner.model import build_gpt_model
     from qrl_megatron.lora.adapter import MODULE_PATHS, module_shape
     from qrl_megatron.lora.layers import apply_lora
@@ -95,6 +94,17 @@ def planned_learner_memory(spec: Any, layout: Any, cfg: Any, frozen_base_shapes:
                             codes[f"model.layers.{i}.{path}.{suffix}"] = torch.empty(shape, dtype=dtype)
                 frozen = StateDictReader(codes)
             apply_lora(module, spec, layout, cfg.lora.adapter(), seed=0, frozen_base=frozen)
+    return module
+
+
+def planned_learner_memory(spec: Any, layout: Any, cfg: Any, frozen_base_shapes: bool = True) -> dict[str, int]:
+    """The same items for ``spec`` at ``layout`` with learner config ``cfg``, computed on the meta device.
+
+    Needs megatron's parallel state for ``layout`` (``init_distributed``): the stage is built as the learner builds
+    it (:func:`build_meta_stage`). ``qrl_megatron.plan`` derives any TP x PP x DP layout from the TP1 x PP1 build.
+    """
+    module = build_meta_stage(spec, layout, cfg, frozen_base_shapes)
+    params_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     out = _weights(module)
     trainable = _trainable_numel(module)
     out["gradients"] = trainable * 4  # megatron DDP: fp32 grad buffer (grad_reduce_in_fp32)
@@ -105,38 +115,12 @@ def planned_learner_memory(spec: Any, layout: Any, cfg: Any, frozen_base_shapes:
     return out
 
 
-def _spec(cfg: Any) -> Any:
-    """The recipe's model shape: its folder's config.json, else the published one stored in configs/hf_configs."""
-    import json
-    from pathlib import Path
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qrl_megatron.learner.memory CONFIG ...``: an alias of ``qrl-plan`` (the whole per-GPU plan)."""
+    from qrl_megatron.plan import main as plan_main
 
-    from qrl_megatron.models.base import prepare_base_model
-    from qrl_megatron.models.registry import load_spec, spec_from_hf_config
-
-    stored = Path(__file__).resolve().parents[2] / "configs" / "hf_configs" / f"{cfg.model.source.split('/')[-1]}.json"
-    if stored.is_file():
-        return spec_from_hf_config(json.loads(stored.read_text()))
-    return load_spec(prepare_base_model(cfg.model, cfg.run.cache_dir))
-
-
-def main(argv: list[str] | None = None) -> None:
-    from qrl_megatron.config import load_config
-    from qrl_megatron.platform import destroy_distributed, init_distributed
-
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        raise SystemExit("usage: python -m qrl_megatron.learner.memory CONFIG [key=value ...]")
-    cfg = load_config(args[0], args[1:])
-    if cfg.learner.tp * cfg.learner.pp != 1:
-        raise SystemExit("the plan is computed in one process: pass learner.tp=1 learner.pp=1 (per-GPU = one stage)")
-    spec = _spec(cfg)
-    layout = init_distributed(1, 1, 1, seed=0)
-    plan = planned_learner_memory(spec, layout, cfg.learner)
-    destroy_distributed()
-    print(f"learner rank 0 of {cfg.learner.tp}x{cfg.learner.pp}x{cfg.learner.dp} (tp x pp x dp), {args[0]}:")
-    for key, value in plan.items():
-        print(f"  {key:<16} {value / 1e9:10.3f} GB")
+    return plan_main(argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
