@@ -25,6 +25,7 @@ from qrl_megatron.hf_export import export_policy, export_rollout_format
 from qrl_megatron.learner.batch import TokenBatch
 from qrl_megatron.learner.learner import Learner, scheduled_lr
 from qrl_megatron.learner.memory import learner_memory
+from qrl_megatron.learner.offload import offload_optimizer
 from qrl_megatron.learner.resume import (
     PREEMPTED_MARKER,
     CheckpointStore,
@@ -64,6 +65,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     transport = resolve_transport(
         cfg.sync.transport, cfg.rollout.engine, engine_tp=cfg.rollout.tp, server_url=cfg.rollout.server_url
     )
+    check_device_settings(cfg, torch.cuda.is_available())  # GPU-only memory settings: one line, before any work
     layout = init_distributed(cfg.learner.tp, cfg.learner.pp, cfg.learner.dp, seed=cfg.seed)
     torch.set_num_threads(cfg.learner.threads or max(1, (os.cpu_count() or 1) // layout.world_size))
     # the launcher built the base model before the ranks started: a cache hit here
@@ -133,9 +135,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     sync = make_weight_sync(
         cfg.sync,
         spec,
-        policy_dir,
         probe_sequences(task, tokenizer, cfg.sync.probe_sequences),
-        layout.rank == 0,
         learner_parallel=(cfg.learner.tp, cfg.learner.pp, cfg.learner.dp),
         rollout_format=cfg.rollout.quant,
         engine_tp=cfg.rollout.tp,
@@ -239,6 +239,8 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         between the rollout and the sync, or in the sync, would otherwise end the run)."""
         for attempt in range(cfg.trainer.engine_restarts + 1):
             try:
+                if driver:  # rollout.sleep_level: the engine's weights back (its KV cache wakes with the next generate)
+                    driver.engine.reacquire_memory(["weights"])
                 outcome: tuple[str, Any] = ("ok", sync(learner, driver.engine if driver else None, step))
             except EngineDied as err:
                 outcome = ("died", str(err))
@@ -256,8 +258,12 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
 
     rl_start, step = time.perf_counter(), start_step
     for step in range(start_step + 1, cfg.trainer.max_steps + 1):
-        # rollout -> reward -> advantage on rank 0's engine; every rank takes its DP share of the batch
+        # rollout -> reward -> advantage on rank 0's engine; every rank takes its DP share of the batch (with
+        # learner.offload_optimizer the optimizer's state waits in host memory meanwhile)
+        offloaded = offload_optimizer(learner) if cfg.learner.offload_optimizer else None
         result = _rollout(driver, step, cfg.trainer.engine_restarts, restart_engine)
+        if offloaded is not None:
+            offloaded.restore()
         local = result.batch.split(layout.dp)[layout.dp_rank]
 
         # learner: proximal (old) logprobs of the full-precision policy, then the policy updates
@@ -381,7 +387,10 @@ def _rollout(
     for attempt in range(restarts + 1):
         position = driver.sampler.state() if driver else None
         try:
-            outcome: tuple[str, Any] | None = ("ok", driver.rollout(step)) if driver else None
+            outcome: tuple[str, Any] | None = None
+            if driver:
+                outcome = ("ok", driver.rollout(step))
+                driver.engine.release_memory()  # rollout.sleep_level: the learner phase gets the engine's memory
         except EngineDied as err:
             outcome = ("died", str(err))
         status, payload = _broadcast(outcome)
@@ -396,6 +405,24 @@ def _rollout(
     raise RunStopped(
         f"the rollout engine died {restarts + 1} times at step {step} ({payload}); giving up (trainer.engine_restarts)"
     )
+
+
+def check_device_settings(cfg: QRLConfig, cuda: bool) -> None:
+    """The memory settings that need a GPU (or exclude each other), against this machine: a ConfigError naming the
+    key and the fix, raised before any process or model starts."""
+    from qrl_megatron.config import ConfigError
+
+    cfg.rollout.check_device(cuda)
+    if cfg.rollout.sleep_level == 2 and cfg.learner.lora.enabled:
+        raise ConfigError(
+            "rollout.sleep_level=2 drops the engine's weights, and with learner.lora.rank > 0 the base is never "
+            "streamed again (only the adapter); use rollout.sleep_level=1"
+        )
+    if cfg.learner.offload_optimizer and not cuda:
+        raise ConfigError(
+            "learner.offload_optimizer=true moves the optimizer state from the GPU to host memory, and this machine "
+            "has no CUDA (the state is in host memory already); set learner.offload_optimizer=false"
+        )
 
 
 def probe_sequences(task: Any, tokenizer: Any, count: int) -> list[list[int]]:

@@ -65,7 +65,7 @@ def refit_worker(rank: int, world_size: int, tp: int, pp: int, dp: int, model_di
         engine = None
         if rank == 0:
             engine = _engine(model_dir, fmt)
-        probe = LogprobProbe(model_dir, PROBE_SEQUENCES) if rank == 0 else None
+        probe = LogprobProbe(plan, PROBE_SEQUENCES)  # every rank: the learner forward is a collective
         sync = BridgeWeightSync(plan, probe=probe, probe_every=1, probe_tolerance=10.0)
         metrics = sync(learner, engine, 1)
         result: dict = {"metrics": metrics, "buckets": plan.num_buckets}
@@ -140,3 +140,124 @@ def _engine(model_dir: str, fmt: str):
     cfg = RolloutConfig(kv_cache_mib=32)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     return VLLMEngine(directory, cfg, seed=0, max_model_len=SEQ_LENGTH)
+
+
+class RandomCheckpoint:
+    """A :class:`~qrl_megatron.models.checkpoint_reader.CheckpointSource` of random weights for ``spec`` that holds
+    nothing: each slice is drawn when the loader reads it (straight into the parameter), so building a 0.5B-shaped
+    learner costs the learner's own memory only."""
+
+    def __init__(self, spec) -> None:
+        from qrl_megatron.models.hf_mapping import hf_tensor_shapes
+
+        self.shapes = hf_tensor_shapes(spec)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def where(self, name: str) -> str:
+        return "random weights"
+
+    def read_slice(self, name, dim=0, start=0, stop=None, *, dtype=None, out=None):
+        shape = list(self.shapes[name])
+        shape[dim] = (shape[dim] if stop is None else stop) - start
+        if out is None:
+            out = torch.empty(shape, dtype=dtype or torch.bfloat16)
+        g = torch.Generator().manual_seed(sum(map(ord, name)) * 7919 + start)
+        if name.endswith("norm.weight"):
+            return out.fill_(1.0)
+        return out.normal_(0.0, 0.02, generator=g)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_extra_rss(fn):
+    """(fn(), peak RSS above the starting RSS while fn ran, in bytes): RSS sampled every 2 ms after glibc returned
+    its free heap (malloc_trim), so freed-but-kept memory neither hides nor inflates the probe's own."""
+    import ctypes
+    import threading
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    start = peak = _rss_bytes()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.002):
+            peak = max(peak, _rss_bytes())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        value = fn()
+    finally:
+        done.set()
+        thread.join()
+    return value, max(peak, _rss_bytes()) - start
+
+
+class KnownLogprobsEngine:
+    """The engine side of a probe, as a fake: ``prompt_logprobs`` answers the logprobs it was given."""
+
+    def __init__(self, logprobs) -> None:
+        self.logprobs = logprobs
+
+    def prompt_logprobs(self, sequences):
+        return self.logprobs
+
+
+def probe_memory_worker(rank: int, world_size: int, hf_config: str, fmt: str, precision: str) -> dict:
+    """The full-parameter probe on a model of ``hf_config``'s shape (random weights, a ``precision`` learner), with a
+    fake engine that answers the learner's plain logprobs: the probe's extra peak memory, the model's bytes, the gap
+    (the rollout format's effect) and whether every parameter is bit-identical afterwards.
+
+    ``transformers`` may not build a model here: its model constructors raise."""
+    import json
+
+    import transformers
+
+    from qrl_megatron.bridge.adapter_sync import learner_prompt_logprobs
+    from qrl_megatron.models.registry import spec_from_hf_config
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the probe built a transformers model")
+
+    transformers.AutoModelForCausalLM.from_config = forbidden
+    transformers.AutoModelForCausalLM.from_pretrained = forbidden
+    import time
+
+    layout = init_distributed(1, 1, 1, seed=0)
+    torch.set_num_threads(2)
+    spec = spec_from_hf_config(json.loads(Path(hf_config).read_text()))
+    cfg = LearnerConfig(precision=precision, micro_batch_size=2)
+    start = time.perf_counter()
+    learner = Learner(spec, layout, cfg, RandomCheckpoint(spec), lr=0.0, seq_length=16, trainable=False)
+    seconds = {"build": time.perf_counter() - start}
+    model_bytes = sum(p.numel() * p.element_size() for p in learner.model.parameters())
+    sequences = [[(17 * i + 5 * j) % spec.vocab_size for j in range(16)] for i in range(2)]
+    start = time.perf_counter()
+    plain, forward_extra = peak_extra_rss(lambda: learner_prompt_logprobs(learner, sequences))  # its own weights
+    seconds["forward"] = time.perf_counter() - start
+    before = [p.detach().clone() for p in learner.model.parameters() if p.numel() < 2**22]
+    plan = build_plan(spec, 1, 1, 1, RolloutTarget(fmt=fmt))
+    probe = LogprobProbe(plan, sequences)
+    start = time.perf_counter()
+    (gap_max, gap_mean), extra = peak_extra_rss(lambda: probe(learner, KnownLogprobsEngine(plain)))
+    seconds["probe"] = time.perf_counter() - start
+    after = [p for p in learner.model.parameters() if p.numel() < 2**22]  # every swapped tensor put back
+    return {
+        "model_bytes": model_bytes,
+        "largest_quantized_fp32_bytes": max(2 * u.bf16_bytes for u in plan.units if u.fmt != "bf16"),
+        "extra_bytes": extra,
+        "forward_extra_bytes": forward_extra,
+        "gap_max": gap_max,
+        "gap_mean": gap_mean,
+        "restored": len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before)),
+        "seconds": seconds,
+    }

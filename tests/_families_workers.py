@@ -107,9 +107,9 @@ def refit_worker(rank: int, world_size: int, tp: int, pp: int, jobs: list[tuple[
         cfg = LearnerConfig(tp=tp, pp=pp, dp=1, lr=1e-3, micro_batch_size=1)
         weights = perturbed_weights(model_dir)
         learner = Learner(spec, layout, cfg, weights, lr=cfg.lr, seq_length=SEQ_LENGTH, trainable=False)
-        probe = LogprobProbe(model_dir, PROBE_SEQUENCES) if rank == 0 else None
         for fmt in formats:
             plan = build_plan(spec, tp, pp, 1, RolloutTarget(fmt=fmt, bucket_bytes=32 * 1024))
+            probe = LogprobProbe(plan, PROBE_SEQUENCES)  # every rank: the learner forward is a collective
             engine = _engine(model_dir, fmt) if rank == 0 else None
             try:
                 sync = BridgeWeightSync(plan, probe=probe, probe_every=1, probe_tolerance=10.0)

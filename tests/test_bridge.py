@@ -17,12 +17,12 @@ FORMATS = ["bf16", "nvfp4", "fp8", "int8"]
 # (probe on) and tests/test_families.py, and the INT8 engine's kernels run in tests/test_te_ext_vllm.py; so CI refits
 # FP8 here, where the corruption and stale-weights gates run too. QRL_TEST_ALL_FORMATS=1: all four.
 REFIT_FORMATS = FORMATS if os.environ.get("QRL_TEST_ALL_FORMATS") == "1" else ["fp8"]
-# Max |engine - float32 reference forward of the streamed (dequantized) weights| over the probe tokens. The
-# engine computes in bf16 and, for fp8/int8, quantizes activations per token (W8A8), which the reference does not.
-# Max per-token gap of the refitted engine vs the float32 reference. INT8 W8A8 depends on the CPU's int8 GEMM:
-# 0.079 max / 0.027 mean on an AVX2-only AMD EPYC (no VNNI/AMX; see INT8_WITHOUT_VNNI in test_te_ext_vllm.py),
-# under 0.05 with VNNI or AMX; a weight the engine failed to load moves it by nats, so 0.1 still catches every
-# mis-load (the stale-weights gate below fires at the default tolerance).
+# Max per-token |engine - reference| over the probe tokens, the reference being the learner's own (fp32) forward with
+# the engine's weights swapped in (the bridge's quantize -> dequantize; W8A8: activations quantized per token too).
+# The engine computes in bf16. INT8 W8A8 depends on the CPU's int8 GEMM: 0.079 max / 0.027 mean on an AVX2-only
+# AMD EPYC (no VNNI/AMX; see INT8_WITHOUT_VNNI in test_te_ext_vllm.py), under 0.05 with VNNI or AMX; a weight the
+# engine failed to load moves it by nats, so 0.1 still catches every mis-load (the stale-weights gate below fires at
+# the default tolerance).
 PROBE_TOLERANCE = {"bf16": 0.02, "nvfp4": 0.03, "fp8": 0.08, "int8": 0.1}
 
 

@@ -65,7 +65,7 @@ def test_tp2_pp2_learner_trains_an_nvfp4_engine_through_the_bridge(tmp_path: Pat
         # NVFP4 linears: 4.5 bits per element (codes + E4M3 block scales) + one fp32 global scale per tensor
         assert row["sync_quantized_vs_bf16"] == pytest.approx(0.28125, abs=2e-3)
         assert row["sync_bytes_vs_bf16"] < 0.35  # embeddings and norms stay bf16
-        # engine vs a float32 forward of the streamed (dequantized) weights; the run stops above sync.probe_tolerance
+        # engine vs the learner's forward on the streamed (dequantized) weights; the run stops above sync.probe_tolerance
         assert 0.0 < row["probe_gap_mean"] <= 0.05
     assert rows[0]["aqn_sigma"] == 0.0 and rows[1]["aqn_sigma"] == pytest.approx(1e-2)
     assert all(r["is_weight_max"] <= 2.0 and r["is_weight_mean"] > 0 for r in rows)  # ACR weight min(r, C=2)

@@ -8,7 +8,6 @@ the resharding bridge (plan -> execute -> transport -> verify) or the bf16 full-
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 from qrl_megatron.bridge.config import SyncConfig
@@ -35,9 +34,7 @@ def rollout_target(sync: SyncConfig, rollout_format: str, engine_tp: int) -> Any
 def make_weight_sync(
     sync: SyncConfig,
     spec: Any,
-    model_dir: str | Path,
     probe_sequences: Sequence[Sequence[int]],
-    is_dst: bool,
     *,
     learner_parallel: tuple[int, int, int],
     rollout_format: str,
@@ -46,11 +43,13 @@ def make_weight_sync(
     send_norms: bool = False,
 ) -> WeightSync:
     """The sync ``sync.method`` names, from a learner at ``learner_parallel`` = (tp, pp, dp) to an engine holding
-    ``rollout_format`` weights at TP ``engine_tp``; ``is_dst``: this rank drives the engine (and runs the probe).
+    ``rollout_format`` weights at TP ``engine_tp``. Every learner rank builds it (the probe's learner forward is a
+    collective of them all); rank 0 drives the engine.
 
     ``adapter`` (an :class:`~qrl_megatron.lora.adapter.AdapterSpec`, QeRL mode): only the adapter streams
     (:class:`~qrl_megatron.bridge.adapter_sync.AdapterSync`), with the norms too when ``send_norms`` (AQN noise on
-    the engine's norms) or when they train; the probe then compares the engine with the learner's own forward."""
+    the engine's norms) or when they train. In both modes the probe compares the engine with the learner's own
+    forward (full-parameter: with each parameter swapped for the engine's copy of it while its module runs)."""
     from te_ext.formats import format_descriptor
 
     if adapter is not None:
@@ -77,17 +76,11 @@ def make_weight_sync(
 
     tp, pp, dp = learner_parallel
     plan = build_plan(spec, tp, pp, dp, rollout_target(sync, rollout_format, engine_tp))
-    probe = None
-    if is_dst and sync.probe_every > 0:
-        quantized = plan.linear_modules(quantized=True)
-        activation_fmt = format_descriptor(rollout_format).activation_format  # W8A8 engines: per token
-        probe = LogprobProbe(model_dir, probe_sequences, activation_fmt, quantized)
+    probe = LogprobProbe(plan, probe_sequences) if sync.probe_every > 0 else None
     return BridgeWeightSync(
         plan,
         verify_checksums=sync.verify_checksums,
         probe=probe,
         probe_every=sync.probe_every,
-        # W8A8 engines quantize activations per token in bf16; the float32 reference emulates it only approximately
-        # (measured on the warm-started policy, FP8: mean gap 0.040 with the emulation, 0.056 without)
         probe_tolerance=sync.probe_tolerance or format_descriptor(rollout_format).probe_tolerance,
     )

@@ -26,7 +26,9 @@ class SyncConfig:
         "how buckets reach the engine: shm (/dev/shm files), cuda_ipc (same GPU), nccl (server on other GPUs/hosts); "
         "auto: shm on CPU, cuda_ipc for an engine on the learner's GPU, nccl for a remote server",
     )
-    probe_every: int = doc(10, "logprob probe (engine vs dequantized reference forward) every N syncs (0: off)")
+    probe_every: int = doc(
+        10, "logprob probe (engine vs the learner's forward on the engine's weights) every N syncs (0: off)"
+    )
     probe_tolerance: float = doc(
         0.0,
         "largest allowed mean probe |logprob gap| in nats (0: the format's, 0.05 for bf16, 0.1 for nvfp4/fp8/int8)",

@@ -86,6 +86,9 @@ class LearnerConfig:
         1024, "tokens per chunk of the fp32 log-softmax for logprobs/entropy (0: one full [tokens, vocab] pass)"
     )
     distributed_optimizer: bool = doc(False, "shard optimizer state over DP (Megatron DistributedOptimizer)")
+    offload_optimizer: bool = doc(
+        False, "GPU: Adam state and fp32 master weights wait in pinned host memory during each rollout (needs CUDA)"
+    )
     threads: int = doc(0, "torch threads per learner process (0 = cores / processes)")
     lora: LoRAConfig = doc(text="LoRA adapters on a frozen base (QeRL mode)", factory=LoRAConfig)
     base_format: str = doc(

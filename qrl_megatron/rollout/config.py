@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from qrl_megatron.config_fields import ConfigError, check_choice, check_positive, check_range, doc
 from te_ext.formats import ROLLOUT_FORMATS
@@ -23,8 +24,21 @@ class RolloutConfig:
     max_new_tokens: int = doc(8, "longest completion in tokens")
     temperature: float = doc(1.0, "sampling temperature (rollout logprobs are of this processed distribution)")
     top_p: float = doc(1.0, "nucleus sampling mass")
-    kv_cache_mib: int = doc(256, "KV-cache memory of the engine in MiB (on CPU: host RAM)")
-    enforce_eager: bool = doc(True, "skip graph compilation in vLLM (faster start on CPU)")
+    kv_cache_mib: int = doc(
+        256,
+        "KV-cache memory of the engine in MiB (on CPU: host RAM); 0: vLLM sizes it from gpu_memory_utilization (GPU)",
+    )
+    gpu_memory_utilization: float = doc(
+        0.9,
+        "GPU: fraction of the GPU's memory the engine may take, checked free at its start (colocated with the "
+        "learner: leave the learner its share); CPU: unused (the KV cache is kv_cache_mib)",
+    )
+    enforce_eager: bool = doc(True, "skip graph compilation in vLLM (faster start on CPU; CUDA graphs on GPU when off)")
+    sleep_level: int = doc(
+        0,
+        "colocated engine on GPU, vLLM sleep mode during the learner phase: 0 off, 1 weights to host + KV cache "
+        "dropped, 2 both dropped (the next sync rewrites every weight)",
+    )
     call_timeout_s: float = doc(
         1800.0, "an engine call (a rollout, an evaluation) running longer is a hung engine: restarted (0 = no limit)"
     )
@@ -35,13 +49,45 @@ class RolloutConfig:
         check_positive(f"{prefix}.tp", self.tp)
         if self.server_url and not self.server_url.startswith(("http://", "https://")):
             raise ConfigError(f"{prefix}.server_url must start with http:// or https://, got {self.server_url!r}")
+        if self.sleep_level and self.server_url:
+            raise ConfigError(
+                f"{prefix}.sleep_level={self.sleep_level} with {prefix}.server_url: an engine this run does not start "
+                f"has no sleep mode enabled by it; set {prefix}.sleep_level=0 or leave {prefix}.server_url empty"
+            )
         check_positive(f"{prefix}.prompts_per_step", self.prompts_per_step)
         check_positive(f"{prefix}.samples_per_prompt", self.samples_per_prompt)
         check_positive(f"{prefix}.max_new_tokens", self.max_new_tokens)
         check_positive(f"{prefix}.temperature", self.temperature)
         check_range(f"{prefix}.top_p", self.top_p, 1e-6, 1.0)
-        check_positive(f"{prefix}.kv_cache_mib", self.kv_cache_mib)
+        check_positive(f"{prefix}.kv_cache_mib", self.kv_cache_mib, allow_zero=True)
+        check_range(f"{prefix}.gpu_memory_utilization", self.gpu_memory_utilization, 0.01, 1.0)
+        check_choice(f"{prefix}.sleep_level", self.sleep_level, (0, 1, 2))
         check_positive(f"{prefix}.call_timeout_s", self.call_timeout_s, allow_zero=True)
+
+    def check_device(self, cuda: bool, prefix: str = "rollout") -> None:
+        """The settings that need a GPU, against this machine (``cuda``: CUDA is available); at the run's start."""
+        if cuda:
+            return
+        if self.sleep_level:
+            raise ConfigError(
+                f"{prefix}.sleep_level={self.sleep_level} needs CUDA (vLLM has no sleep mode on CPU); set "
+                f"{prefix}.sleep_level=0"
+            )
+        if self.kv_cache_mib == 0:
+            raise ConfigError(
+                f"{prefix}.kv_cache_mib=0 sizes the KV cache from {prefix}.gpu_memory_utilization, which needs CUDA "
+                f"(on CPU it would reserve that fraction of host RAM); set {prefix}.kv_cache_mib to a size in MiB"
+            )
+
+    def engine_memory_args(self) -> dict[str, Any]:
+        """The vLLM engine arguments of the memory settings (``LLM(**...)``; ``vllm serve`` gets them as flags)."""
+        return {
+            # vLLM 0.32: an explicit KV-cache size wins over the fraction (on CPU the fraction is then not checked)
+            "kv_cache_memory_bytes": self.kv_cache_mib * 2**20 if self.kv_cache_mib else None,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "enforce_eager": self.enforce_eager,
+            "enable_sleep_mode": self.sleep_level > 0,
+        }
 
 
 @dataclass

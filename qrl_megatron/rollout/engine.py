@@ -9,7 +9,7 @@ launcher's torchrun variables (:data:`LAUNCHER_ENV`) out of vLLM's processes.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -40,6 +40,10 @@ def engine_environment() -> Iterator[None]:
 def sampling_seed(seed: int, step: int, i: int) -> int:
     """The sampling seed of prompt ``i`` at ``step`` for an engine seeded with ``seed`` (the same in every engine)."""
     return (seed * 1_000_003 + step * 10_007 + i) % (2**31)
+
+
+# vLLM's sleep-mode memory tags (LLM.sleep / wake_up, vLLM 0.32): the weights, then the KV cache
+SLEEP_TAGS = ("weights", "kv_cache")
 
 
 class EngineDied(RuntimeError):
@@ -175,6 +179,15 @@ class RolloutEngine(Protocol):
 
     def update_norms(self, tensors: Mapping[str, torch.Tensor], checksums: Mapping[str, str]) -> None:
         """QeRL mode with trained norms: the decoder-layer RMSNorm weights (HF names), copied in place."""
+        ...
+
+    def release_memory(self) -> None:
+        """After a rollout: free the engine's GPU memory for the learner phase (rollout.sleep_level; else no-op)."""
+        ...
+
+    def reacquire_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Take back what ``release_memory`` freed: ``["weights"]`` before a weight sync, all (``None``) before
+        generating (every generate call does it itself); a no-op for what is held."""
         ...
 
     def parameter_checksums(self) -> dict[str, float]: ...

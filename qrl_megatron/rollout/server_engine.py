@@ -51,6 +51,7 @@ from qrl_megatron.bridge.transport import make_transport
 from qrl_megatron.rollout.config import RolloutConfig
 from qrl_megatron.rollout.engine import (
     LAUNCHER_ENV,
+    SLEEP_TAGS,
     Completion,
     EngineDied,
     LoRAServing,
@@ -180,6 +181,7 @@ class VLLMServerEngine(TransportWeights):
         self._finalizer: weakref.finalize | None = None
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.transport = make_transport(transport, _HttpChannel(self), engine_world_size=cfg.tp, server_url=url)
+        self.sleeping: set[str] = set()  # rollout.sleep_level: what release_memory released and is not woken yet
         if url:
             self.url = url.rstrip("/")
         else:
@@ -205,8 +207,7 @@ class VLLMServerEngine(TransportWeights):
             "--dtype", "bfloat16",
             "--seed", str(self.seed),
             "--max-model-len", str(max_model_len),
-            "--kv-cache-memory-bytes", str(cfg.kv_cache_mib * 2**20),
-            "--gpu-memory-utilization", "0.05",
+            "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
             "--logprobs-mode", "processed_logprobs",
             "--worker-extension-cls", "qrl_megatron.rollout.worker_extension.QRLWorkerExtension",
             "--enable-prefix-caching",
@@ -214,8 +215,13 @@ class VLLMServerEngine(TransportWeights):
             "--weight-transfer-config", json.dumps({"backend": self.weight_backend}),
             "--disable-uvicorn-access-log",
         ]  # fmt: skip
-        if cfg.enforce_eager:
+        memory = cfg.engine_memory_args()  # the colocated engine's LLM arguments, as flags
+        if memory["kv_cache_memory_bytes"] is not None:
+            command += ["--kv-cache-memory-bytes", str(memory["kv_cache_memory_bytes"])]
+        if memory["enforce_eager"]:
             command.append("--enforce-eager")
+        if memory["enable_sleep_mode"]:
+            command.append("--enable-sleep-mode")  # its /sleep and /wake_up routes need VLLM_SERVER_DEV_MODE too
         if self.adapter is not None:
             for key, value in lora_engine_args(self.adapter).items():
                 flag = "--" + key.replace("_", "-")
@@ -323,6 +329,7 @@ class VLLMServerEngine(TransportWeights):
         self, prompts: Sequence[str | list[int]], n: int, temperature: float, max_new_tokens: int, step: int
     ) -> list[Completion]:
         """`n` samples per prompt, grouped prompt by prompt; each prompt's sampling is seeded from (seed, step, i)."""
+        self.reacquire_memory()  # a sleeping server schedules nothing
         bodies = []
         for i, prompt in enumerate(prompts):
             body = {"prompt": prompt, "n": n, **self._sampling_body(temperature, max_new_tokens)}
@@ -364,6 +371,7 @@ class VLLMServerEngine(TransportWeights):
         """Engine log-probability of every token after the first, for each token sequence (a weight probe)."""
         if not sequences:
             return []
+        self.reacquire_memory()
         body = {"prompt": [list(s) for s in sequences], "prompt_logprobs": 0, **self._sampling_body(0.0, 1)}
         choices = sorted(self._post("/v1/completions", body)["choices"], key=lambda c: c["index"])
         return [
@@ -386,6 +394,19 @@ class VLLMServerEngine(TransportWeights):
 
     def _collective_rpc(self, method: str, *args: Any) -> list[Any]:
         return self._post("/collective_rpc", {"method": method, "args": list(args)})["results"]
+
+    def release_memory(self) -> None:
+        """rollout.sleep_level > 0: the server's sleep mode for the learner phase (``POST /sleep``); else no-op."""
+        if self.cfg.sleep_level and not self.sleeping:
+            self._post(f"/sleep?level={self.cfg.sleep_level}")
+            self.sleeping = set(SLEEP_TAGS)
+
+    def reacquire_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Wake released memory (``POST /wake_up?tags=...``): ``["weights"]`` before a sync, all before generating."""
+        wake = [t for t in (tags or SLEEP_TAGS) if t in self.sleeping]
+        if wake:
+            self._post("/wake_up?" + "&".join(f"tags={t}" for t in wake))
+            self.sleeping -= set(wake)
 
     def parameter_checksums(self) -> dict[str, float]:
         return self._collective_rpc("qrl_parameter_checksums")[0]

@@ -12,13 +12,14 @@ adapters arrive in memory (``update_adapter``, rollout/lora_swap.py) instead of 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from qrl_megatron.bridge.transport import make_transport
 from qrl_megatron.rollout.config import RolloutConfig
 from qrl_megatron.rollout.engine import (
+    SLEEP_TAGS,
     Completion,
     EngineDied,
     LoRAServing,
@@ -141,9 +142,7 @@ class VLLMEngine(TransportWeights):
                 dtype="bfloat16",
                 seed=seed,
                 max_model_len=max_model_len,
-                enforce_eager=cfg.enforce_eager,
-                kv_cache_memory_bytes=cfg.kv_cache_mib * 2**20,
-                gpu_memory_utilization=0.05,
+                **cfg.engine_memory_args(),  # KV cache, memory fraction, eager, sleep mode (rollout.*)
                 logprobs_mode="processed_logprobs",
                 worker_extension_cls="qrl_megatron.rollout.worker_extension.QRLWorkerExtension",
                 enable_prefix_caching=True,
@@ -152,6 +151,7 @@ class VLLMEngine(TransportWeights):
                 **lora_engine_args(adapter),
             )
         self.tokenizer = self.llm.get_tokenizer()
+        self.sleeping: set[str] = set()  # rollout.sleep_level: what release_memory released and is not woken yet
         self.watchdog = EngineWatchdog(self.llm, cfg.call_timeout_s)
         self.transport = make_transport(transport, _CollectiveRpcChannel(self.llm), engine_world_size=cfg.tp)
         self.transport.init(verify_checksums=True)
@@ -201,6 +201,7 @@ class VLLMEngine(TransportWeights):
 
         if self.watchdog.fired:
             raise EngineDied(self.watchdog.fired)
+        self.reacquire_memory()  # a sleeping engine schedules nothing: rollouts, evaluations and probes wake it
         self.watchdog.call_started = time.monotonic()
         try:
             return self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
@@ -223,6 +224,23 @@ class VLLMEngine(TransportWeights):
             [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], seq[1:], strict=True)]  # type: ignore[index]
             for out, seq in zip(outputs, sequences, strict=True)
         ]
+
+    def release_memory(self) -> None:
+        """rollout.sleep_level > 0: vLLM sleep mode for the learner phase (level 1: weights to host memory, KV cache
+        dropped; level 2: both dropped); a no-op when it is off."""
+        if self.cfg.sleep_level and not self.sleeping:
+            with _engine_alive():
+                self.llm.sleep(level=self.cfg.sleep_level)
+            self.sleeping = set(SLEEP_TAGS)
+
+    def reacquire_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Wake what ``release_memory`` released: ``["weights"]`` before a weight sync (the rest stays released),
+        everything (``None``) before generating; a no-op for what is awake."""
+        wake = [t for t in (tags or SLEEP_TAGS) if t in self.sleeping]
+        if wake:  # named tags only: vLLM 0.32 would map an awake allocation again on wake_up(None)
+            with _engine_alive():
+                self.llm.wake_up(wake)
+            self.sleeping -= set(wake)
 
     def parameter_checksums(self) -> dict[str, float]:
         return self.llm.collective_rpc("qrl_parameter_checksums")[0]
