@@ -6,8 +6,9 @@
 #
 # For a machine with torch, Triton and transformers but no vLLM, Transformer Engine or megatron-core: megatron-core
 # is installed from a wheel (--megatron-wheel, else the newest megatron_core-*.whl under shared/wheels/ or
-# ../shared/wheels/) with `pip install --no-index --no-deps` into a folder of the output (the system site-packages
-# stay untouched; no network). Steps (bench/gpu_check.py, one process each, each with its own timeout):
+# ../shared/wheels/; omegaconf / antlr4 wheels next to it too) with `pip install --no-index --no-deps` into a folder
+# of the output (the system site-packages stay untouched; no network). Steps (bench/gpu_check.py), one process
+# each, each with its own timeout:
 #   (a) learner_full, learner_lora_nvfp4   learner steps of a 0.5B-shaped model, peak memory vs the planner
 #   (b) triton_kernels                     te_ext's Triton kernels vs the torch path (bit-exact), GB/s vs copy
 #   (c) w4a16_gemm                         NVFP4 W4A16 GEMV/GEMM vs bf16 on the 7B / 32B decode shapes
@@ -20,13 +21,13 @@ DRY_RUN=0
 WHEEL=""
 PY="${PYTHON:-python3}"
 OUT=""
-# per-step limits in seconds: 20 (checks) + 40 (wheel) + 130 + 130 + 60 + 90 + 10 (report) = 480 s, the 8 minutes
-T_LEARNER=130
+# per-step limits in seconds: 20 (checks) + 40 (wheel) + 120 + 120 + 60 + 90 + 10 (report) = 460 s, under the 8 minutes
+T_LEARNER=120
 T_KERNELS=60
 T_GEMM=90
 
 usage() {
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
 }
 
 while [ "$#" -gt 0 ]; do
@@ -76,6 +77,13 @@ if [ "$env_rc" != 0 ]; then
   exit 2
 fi
 case "$env_report" in *"megatron: found"*) HAVE_MEGATRON=1 ;; esac
+if [ "$DRY_RUN" = 0 ]; then
+  case "$env_report" in
+    *"CUDA no"*)
+      echo "gpu_check: no CUDA device (torch.cuda.is_available() is False); run with --dry-run on a CPU machine" >&2
+      exit 2 ;;
+  esac
+fi
 
 # -- megatron-core from a wheel -------------------------------------------------------------------------------------
 if [ "$HAVE_MEGATRON" = 0 ]; then
@@ -92,8 +100,11 @@ if [ "$HAVE_MEGATRON" = 0 ]; then
   elif [ "$DRY_RUN" = 1 ]; then
     echo "megatron-core: would install $WHEEL (dry run: not installed)"
   else
-    echo "megatron-core: installing $WHEEL into $OUT/site (pip --no-index --no-deps)"
-    timeout 40 "$PY" -m pip install --quiet --no-index --no-deps --target "$OUT/site" "$WHEEL"
+    # omegaconf (+ antlr4) next to it, if there: qrl_megatron.config needs it, and with it the newer planner runs too
+    extra="$(find "$(dirname "$WHEEL")" -maxdepth 1 \( -name 'omegaconf-*.whl' -o -name 'antlr4_python3_runtime-*.whl' \) | sort)"
+    echo "megatron-core: installing $WHEEL ${extra:+and $(echo "$extra" | tr '\n' ' ')}into $OUT/site (pip --no-index --no-deps)"
+    # shellcheck disable=SC2086  # $extra: zero or more paths without spaces (find output, one per line)
+    timeout 40 "$PY" -m pip install --quiet --no-index --no-deps --target "$OUT/site" "$WHEEL" $extra
     export PYTHONPATH="$PYTHONPATH:$OUT/site"
   fi
 else

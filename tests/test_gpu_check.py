@@ -116,3 +116,18 @@ def test_report_renders_a_table_per_step(tmp_path: Path) -> None:
     assert "| nvfp4_quantize | 4096x11008 | True | 2500 | 4000 | 0.625 | 2 |" in text
     assert "| Qwen2.5-7B-Instruct | down_proj | 3584x18944 | 1 | 30 | 60 | 2 | 1200 | 4000 | 0.003 |" in text
     assert json.loads(js.read_text())["steps"]["w4a16_gemm"]["rows"][0]["speedup_vs_bf16"] == 2.0
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_real_run_without_cuda_is_refused_before_writing_anything(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--python", sys.executable, "--out", str(tmp_path / "real")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "no CUDA device (torch.cuda.is_available() is False); run with --dry-run" in proc.stderr
+    assert not list((tmp_path / "real").glob("*.json"))
