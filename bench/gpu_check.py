@@ -151,11 +151,12 @@ def _newer_plan(spec: Any, layout: Any, lora: bool) -> dict[str, Any] | None:
         return None
     overrides = [
         "learner.tp=1", "learner.pp=1", "learner.dp=1", f"learner.micro_batch_size={LEARNER_BATCH}",
-        "rollout.prompts_per_step=2", "rollout.samples_per_prompt=8", "algo.minibatches=1",
+        "rollout.prompts_per_step=2", "rollout.samples_per_prompt=8", "algo.minibatches=1", "algo.overlong_buffer=0",
         f"rollout.max_new_tokens={COMPLETION_TOKENS}", f"task.max_prompt_tokens={PROMPT_TOKENS}",
     ]  # fmt: skip
     if lora:
         overrides += ["learner.lora.rank=32", "learner.base_format=nvfp4", "rollout.quant=nvfp4"]
+        overrides += ["trainer.save_every=0", "trainer.checkpoint=false"]  # LoRA runs are not resumable yet
     cfg = load_config(ROOT / "configs" / "qwen2.5_0.5b.yaml", overrides)
     plan = make_plan(cfg, spec, layout, "qwen2.5_0.5b (gpu_check batch)")
     return {k: v for k, v in plan.items.items() if k.startswith("learner.")}
@@ -237,7 +238,14 @@ def step_learner(lora: bool) -> dict[str, Any]:
     else:
         if newer is not None:
             result["newer_planner_gb"] = {k: v / GB for k, v in newer.items()}
+            # what torch's allocator sees: the tensors (not the CUDA context, nor the fragmentation allowance)
+            tensors = sum(newer.get(f"learner.{k}", 0) for k in NEWER_PLAN_TENSOR_ITEMS)
+            result["newer_planner_tensors_gb"] = tensors / GB
+            result["peak_vs_newer_planner"] = peak / max(tensors, 1)
     return result
+
+
+NEWER_PLAN_TENSOR_ITEMS = ("weights", "gradients", "optimizer_state", "activations", "logits")
 
 
 def step_learner_full() -> dict[str, Any]:
@@ -484,7 +492,12 @@ def _learner_md(r: dict[str, Any]) -> list[str]:
         f"{', '.join(f'{s:.2f}' for s in r['step_seconds'])}.",
     ]
     if "newer_planner_gb" in r:
-        lines += ["", "qrl_megatron.plan (learner items, GB): " + json.dumps(r["newer_planner_gb"])]
+        lines += [
+            "",
+            f"qrl_megatron.plan: weights + gradients + optimizer + activations + logits "
+            f"{r['newer_planner_tensors_gb']:.3f} GB; measured peak / that {r['peak_vs_newer_planner']:.3f}. "
+            "Its learner items (GB): " + json.dumps({k: round(v, 4) for k, v in r["newer_planner_gb"].items()}),
+        ]
     elif "newer_planner" in r:
         lines += ["", f"qrl_megatron.plan: {r['newer_planner']}"]
     return lines

@@ -91,7 +91,8 @@ def _gpu_results() -> dict[str, dict]:
     learner = {"status": "ok", "mode": "full-parameter", "precision": "bf16", "batch": "16 x 512 tokens, 3 steps",
                "step_seconds": [1.5, 0.4, 0.4], "peak_allocated_gb": 14.2, "allocated_after_steps_gb": 8.95,
                "held_gb": items, "planned_gb": items, "planned_vs_held": 1.0, "peak_minus_planned_static_gb": 5.3,
-               "newer_planner_gb": {"learner.activations": 4.1}}  # fmt: skip
+               "newer_planner_gb": {"learner.activations": 4.1}, "newer_planner_tensors_gb": 13.0,
+               "peak_vs_newer_planner": 1.09}  # fmt: skip
     return {
         "learner_full": learner,
         "learner_lora_nvfp4": {**learner, "mode": "LoRA r32 on an NVFP4 base"},
@@ -112,7 +113,7 @@ def test_report_renders_a_table_per_step(tmp_path: Path) -> None:
     text = md.read_text()
     assert "device NVIDIA H200" in text
     assert "| full_parameters | 0.988 | 0.988 |" in text
-    assert "peak allocated 14.200 GB" in text and "learner.activations" in text
+    assert "peak allocated 14.200 GB" in text and "learner.activations" in text and "that 1.090" in text
     assert "| nvfp4_quantize | 4096x11008 | True | 2500 | 4000 | 0.625 | 2 |" in text
     assert "| Qwen2.5-7B-Instruct | down_proj | 3584x18944 | 1 | 30 | 60 | 2 | 1200 | 4000 | 0.003 |" in text
     assert json.loads(js.read_text())["steps"]["w4a16_gemm"]["rows"][0]["speedup_vs_bf16"] == 2.0
