@@ -69,8 +69,10 @@ def test_a_gpu_transport_without_cuda_is_one_line_naming_the_key(name: str) -> N
 
 @pytest.mark.unit
 def test_gpu_transports_the_engine_cannot_use_are_refused() -> None:
-    with pytest.raises(ConfigError, match=r"sync\.transport=nccl needs rollout\.engine=server"):
+    with pytest.raises(ConfigError, match=r"sync\.transport=nccl needs the engine on other GPUs, but a colocated"):
         resolve_transport("nccl", "colocated", cuda=True)
+    with pytest.raises(ConfigError, match=r"but a server started here \(rollout\.server_url empty\) shares"):
+        resolve_transport("nccl", "server", cuda=True)
     with pytest.raises(ConfigError, match=r"sync\.transport=cuda_ipc needs the engine on the learner's GPU"):
         resolve_transport("cuda_ipc", "server", server_url="http://10.1.2.3:8000", cuda=True)
     with pytest.raises(ConfigError, match=r"rollout\.tp=2"):

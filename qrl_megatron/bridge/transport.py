@@ -252,10 +252,11 @@ def resolve_transport(
                 f"{key}=cuda_ipc sends from the learner's rank-0 GPU, which holds no IPC handle for the other GPUs of "
                 f"rollout.tp={engine_tp}; use rollout.tp=1 or {key}=shm"
             )
-    if requested == "nccl" and engine != "server":
+    if requested == "nccl" and (engine != "server" or not server_url):
+        where = "a colocated engine" if engine != "server" else "a server started here (rollout.server_url empty)"
         raise ConfigError(
-            f"{key}=nccl needs rollout.engine=server on other GPUs (a colocated engine shares the learner's GPU, and "
-            f"NCCL cannot put two ranks on one device); use {key}=cuda_ipc"
+            f"{key}=nccl needs the engine on other GPUs, but {where} shares the learner's GPU and NCCL cannot put two "
+            f"ranks on one device; use {key}=cuda_ipc, or a server on other GPUs at rollout.server_url"
         )
     return requested
 
