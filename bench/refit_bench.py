@@ -10,6 +10,10 @@ bytes streamed (and vs bf16) and GB/s of streamed bytes.
     .venv/bin/python bench/refit_bench.py --preset 1b --layouts 1x1x1      # GPU (random weights of that shape)
     .venv/bin/python bench/refit_bench.py --engine none                    # bridge only, no vLLM (rank 0 drops buckets)
 
+The NVFP4 refit acceptance of issue 12 (NVFP4 <= 1.5x bf16 on the 1B shape, CPU, bridge only):
+
+    .venv/bin/python bench/refit_bench.py --preset 1b --engine none --layouts 1x1x1 --formats bf16,nvfp4 --syncs 3
+
 Presets ``1b`` / ``8b`` are synthetic models with the shape of Llama-3.2-1B / Llama-3.1-8B (random weights, the
 tiny character vocabulary); they are meant for a GPU machine. Results: a table on stdout and JSON in
 ``bench/results/refit_bench.json``.
