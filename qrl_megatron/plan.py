@@ -34,6 +34,7 @@ See docs/memory.md for how to read the table and each rule.
 from __future__ import annotations
 
 import argparse
+import warnings
 import json
 import math
 import sys
@@ -108,6 +109,23 @@ class Entry:
     trainable: bool
     tp_split: bool
     layer: int | None  # global decoder layer, None for embedding / final norm / output layer
+
+
+@contextmanager
+def megatron_warnings_quiet() -> Iterator[None]:
+    """The meta build imports megatron-core, which warns that TE/Apex are missing (a CPU fallback the plan does not
+    use), that full-scope CUDA graphs and GPTModel are deprecated; the planner's output is its table or its verdict."""
+    import logging
+
+    gpt_logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    level = gpt_logger.level
+    gpt_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+            yield
+    finally:
+        gpt_logger.setLevel(level)
 
 
 @contextmanager
@@ -567,18 +585,18 @@ def _fixes(cfg: Any) -> list[tuple[str, list[str]]]:
     if rc.kv_cache_mib > 4096:
         out.append(("rollout.kv_cache_mib=4096", ["rollout.kv_cache_mib=4096"]))
     if not lc.lora.enabled and rc.tp == 1 and cfg.algo.kl_coef == 0:
-        out.append(
-            (
-                QERL_FIX,
-                [
-                    "learner.lora.rank=32",
-                    "learner.base_format=nvfp4",
-                    "rollout.quant=nvfp4",
-                    "trainer.save_every=0",
-                    "trainer.checkpoint=false",
-                ],
-            )
-        )
+        qerl = [
+            "learner.lora.rank=32",
+            "learner.base_format=nvfp4",
+            "rollout.quant=nvfp4",
+            "trainer.save_every=0",
+            "trainer.checkpoint=false",
+        ]
+        out.append((QERL_FIX, qerl))
+        # learner and a colocated engine each hold the NVFP4 base: at 32B the two awake together pass 80 GB by a few
+        # GB, which vLLM's sleep mode (the engine's weights and KV cache released in the learner phase) wins back
+        if rc.engine == "colocated" and rc.sleep_level == 0:
+            out.append((f"{QERL_FIX} + rollout.sleep_level=1", [*qerl, "rollout.sleep_level=1"]))
     per_node = cfg.gpu.per_node
     if lc.tp * 2 <= per_node:
         out.append((f"learner.tp={lc.tp * 2} (more GPUs)", [f"learner.tp={lc.tp * 2}"]))
@@ -618,7 +636,7 @@ def check_plan(path: str | None, overrides: list[str], cfg: Any) -> str | None:
     if not cfg.gpu.check:
         return None
     spec = model_spec(cfg)
-    with one_rank_parallel_state() as layout:
+    with megatron_warnings_quiet(), one_rank_parallel_state() as layout:
         plan = make_plan(cfg, spec, layout, path or "defaults")
         if plan.fits:
             return None
@@ -644,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"qrl-plan: config error: {err}", file=sys.stderr)
         return 2
-    with one_rank_parallel_state() as layout:
+    with megatron_warnings_quiet(), one_rank_parallel_state() as layout:
         plan = make_plan(cfg, spec, layout, args.config)
         fix = "" if plan.fits else cheapest_fix(args.config, args.overrides, cfg, spec, layout)
     if args.json:
