@@ -19,7 +19,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DRY_RUN=0
 WHEEL=""
-PY="${PYTHON:-python3}"
+# the project's .venv where there is one (a CPU checkout: the dry run), else the machine's python3 (the GPU machine)
+if [ -x "$ROOT/.venv/bin/python" ]; then PY="${PYTHON:-$ROOT/.venv/bin/python}"; else PY="${PYTHON:-python3}"; fi
 OUT=""
 # per-step limits in seconds: 20 (checks) + 40 (wheel) + 120 + 120 + 60 + 90 + 10 (report) = 460 s, under the 8 minutes
 T_LEARNER=120
