@@ -102,20 +102,30 @@ def _run(rank: int, args: argparse.Namespace, model_dir: str, layout: tuple) -> 
     learner = Learner(
         spec, lay, LearnerConfig(tp=tp, pp=pp, dp=dp, micro_batch_size=1), load_hf_weights(model_dir), 1e-4, 32
     )
+    # Without an engine the formats' syncs alternate round by round (bf16, nvfp4, bf16, ...), so a load that comes
+    # and goes on a shared machine falls on every format alike and the time ratio stays fair; with a vLLM engine
+    # each format has its own engine, started one at a time (memory), and its syncs run back to back.
+    groups = [args.formats] if args.engine == "none" else [[fmt] for fmt in args.formats]
     rows = []
-    for fmt in args.formats:
-        plan = build_plan(spec, tp, pp, dp, RolloutTarget(fmt=fmt, bucket_bytes=int(args.bucket_mib * 2**20)))
-        engine: Any = None
-        if rank == 0:
-            engine = DroppingEngine() if args.engine == "none" else _engine(model_dir, fmt)
-        sync = BridgeWeightSync(plan)
-        sync(learner, engine, 0)  # warm-up
-        times, metrics = [], {}
-        for step in range(1, args.syncs + 1):
-            metrics = sync(learner, engine, step)
+    for formats in groups:
+        runs = {}
+        for fmt in formats:
+            plan = build_plan(spec, tp, pp, dp, RolloutTarget(fmt=fmt, bucket_bytes=int(args.bucket_mib * 2**20)))
+            engine: Any = None
             if rank == 0:
-                times.append(metrics["sync_seconds"])
-        if rank == 0:
+                engine = DroppingEngine() if args.engine == "none" else _engine(model_dir, fmt)
+            sync = BridgeWeightSync(plan)
+            sync(learner, engine, 0)  # warm-up
+            runs[fmt] = (plan, engine, sync, [], {})
+        for step in range(1, args.syncs + 1):
+            for _plan, engine, sync, times, last in runs.values():
+                metrics = sync(learner, engine, step)
+                last.update(metrics)
+                if rank == 0:
+                    times.append(metrics["sync_seconds"])
+        if rank != 0:
+            continue
+        for fmt, (plan, engine, _sync, times, metrics) in runs.items():
             engine.close()
             rows.append(
                 {
@@ -194,15 +204,21 @@ def main() -> None:
         rows += _run_layout(args, model_dir, layout)
         print(f"layout {layout} done in {time.perf_counter() - start:.0f} s", flush=True)
 
+    bf16_seconds = {r["layout"]: r["seconds_mean"] for r in rows if r["format"] == "bf16"}
+    for r in rows:
+        if r["layout"] in bf16_seconds:
+            r["seconds_vs_bf16"] = r["seconds_mean"] / bf16_seconds[r["layout"]]
     header = (
-        f"{'layout':<14}{'format':<8}{'buckets':>8}{'s/sync':>10}{'MB':>9}{'x bf16':>8}{'lin x bf16':>11}{'GB/s':>8}"
+        f"{'layout':<14}{'format':<8}{'buckets':>8}{'s/sync':>10}{'min s':>9}{'time x bf16':>12}{'MB':>10}"
+        f"{'bytes x bf16':>13}{'lin x bf16':>11}{'GB/s':>8}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
+        ratio = f"{r['seconds_vs_bf16']:>12.2f}" if "seconds_vs_bf16" in r else f"{'-':>12}"
         print(
-            f"{r['layout']:<14}{r['format']:<8}{r['buckets']:>8}{r['seconds_mean']:>10.4f}{r['bytes'] / 1e6:>9.3f}"
-            f"{r['vs_bf16']:>8.3f}{r['quantized_vs_bf16']:>11.4f}{r['gbps']:>8.4f}"
+            f"{r['layout']:<14}{r['format']:<8}{r['buckets']:>8}{r['seconds_mean']:>10.4f}{r['seconds_min']:>9.4f}"
+            f"{ratio}{r['bytes'] / 1e6:>10.3f}{r['vs_bf16']:>13.3f}{r['quantized_vs_bf16']:>11.4f}{r['gbps']:>8.4f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
