@@ -1,4 +1,4 @@
-"""Pieces shared by the launchers: the optional nemo-run import, the world-size check, fail-fast environment."""
+"""Pieces shared by the launchers: the nemo-run import, the world-size check, fail-fast environment."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# nemo-run is in the default set-up (scripts/setup_env.sh; QRL_INSTALL_LAUNCH=0 leaves it out).
 NEMO_RUN_INSTALL = (
-    "QRL_INSTALL_LAUNCH=1 bash scripts/setup_env.sh  "
+    "bash scripts/setup_env.sh  "
     '(or: .venv/bin/python -m pip install -c scripts/constraints-cpu.txt "nemo-run==0.11.1" "leptonai==0.27.3")'
 )
 
@@ -27,11 +28,11 @@ FAILFAST_ENV: dict[str, str] = {
 
 
 def require_nemo_run() -> ModuleType:
-    """`import nemo_run`, or an ImportError that says how to install the optional launch extra."""
+    """`import nemo_run`, or an ImportError that says how to install it."""
     try:
         import nemo_run
     except ImportError as err:
-        raise ImportError(f"nemo-run is not installed (it is optional); install it with: {NEMO_RUN_INSTALL}") from err
+        raise ImportError(f"nemo-run is not installed; install it with: {NEMO_RUN_INSTALL}") from err
     except Exception as err:  # e.g. an incompatible leptonai breaks `import nemo_run` with other errors
         raise ImportError(
             f"`import nemo_run` failed ({type(err).__name__}: {err}); nemo-run 0.11.1 needs leptonai==0.27.3. "

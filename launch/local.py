@@ -6,7 +6,7 @@ The executor is nemo-run's `LocalExecutor(launcher="torchrun")` with one process
 (learner.tp * learner.pp * learner.dp); the CLI sees RANK/WORLD_SIZE and trains in place instead of starting
 its own processes. Plain `qrl-train CONFIG ...` does the same without nemo-run; this entry point is for people who
 drive their runs with nemo-run experiments (logs and metadata under NEMORUN_HOME, default ~/.nemo_run).
-nemo-run is optional: see launch.common.NEMO_RUN_INSTALL.
+Also `qrl-launch local ...`. nemo-run is in the default set-up (launch.common.NEMO_RUN_INSTALL).
 """
 
 from __future__ import annotations

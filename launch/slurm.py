@@ -56,11 +56,13 @@ def build_slurm_experiment(
     startup_minutes: int = 60,
     setup: Sequence[str] = (),
     job_name_prefix: str = "qrl-",
+    request_gpus: bool = True,
 ) -> tuple[Any, Any]:
     """(task, executor) for the learner on Slurm; nothing is submitted.
 
     setup: bash lines run first in the batch script (e.g. "source .venv/bin/activate", module loads); torchrun
     must be on PATH after them (or inside container_image).
+    request_gpus=False: CPU nodes; no `--gpus-per-node` in the job, gpus_per_node is then the ranks per node.
     Raises ValueError when nodes * gpus_per_node != learner.tp*pp*dp (or the config is invalid), ImportError
     naming the install command when nemo-run is missing.
     """
@@ -93,7 +95,7 @@ def build_slurm_experiment(
         partition=partition,
         nodes=nodes,
         ntasks_per_node=gpus_per_node,
-        gpus_per_node=gpus_per_node,
+        gpus_per_node=gpus_per_node if request_gpus else None,
         time=time,
         container_image=container_image,
         container_mounts=mounts,
@@ -103,23 +105,31 @@ def build_slurm_experiment(
         + watchdog_setup_lines(metrics, stall_minutes, startup_minutes)
         or None,
         job_name_prefix=job_name_prefix,
-        tunnel=run.LocalTunnel(job_dir=str(jobs)),
+        # A LocalTunnel submits the script from its job_dir, which nemo-run never copies to: it must be the
+        # experiments folder the Experiment writes (experiment_base_dir), so both sit under `jobs`.
+        tunnel=run.LocalTunnel(job_dir=str(jobs / "experiments")),
         packager=run.Packager(),
     )
     executor.launcher = "torchrun"  # nemo-run: one task per node, torchrun --nproc-per-node=gpus_per_node
     return task, executor
 
 
+def experiment_base_dir(executor: Any) -> str:
+    """`base_dir` of the nemo-run Experiment for this executor: the folder whose experiments/ its LocalTunnel
+    submits from (nemo-run's own default, NEMORUN_HOME, would leave the tunnel without the sbatch script)."""
+    return str(Path(executor.tunnel.job_dir).parent)
+
+
 def render_dryrun(task: Any, executor: Any, title: str = "qrl-slurm", out_dir: str | Path | None = None) -> Path:
     """Render the sbatch script offline (nemo-run dryrun; nothing is submitted) and return its path, under
-    NEMORUN_HOME/experiments/<title>/..., or copied into out_dir when given."""
+    JOB_DIR/experiments/<title>/... (build_slurm_experiment's job_dir), or copied into out_dir when given."""
     run = require_nemo_run()
     saved_stdin = sys.stdin
     # nemo-run runs `mkdir` through invoke, which mirrors stdin; a dry run needs none (and pytest forbids reading it)
     with open(os.devnull) as devnull:
         sys.stdin = devnull
         try:
-            with run.Experiment(title, executor=executor) as exp:
+            with run.Experiment(title, executor=executor, base_dir=experiment_base_dir(executor)) as exp:
                 exp.add(task, name="learner")
                 exp.dryrun(log=False, delete_exp_dir=False)
                 exp_dir = Path(exp._exp_dir)
@@ -158,10 +168,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="LINE",
         help='bash line run first, e.g. "source .venv/bin/activate"',
     )
-    p.add_argument("--job-dir", help="where nemo-run writes the sbatch script and logs (default: runs/slurm_jobs)")
+    p.add_argument(
+        "--job-dir",
+        help="nemo-run's folder for this job: sbatch script, logs, experiment record under JOB_DIR/experiments "
+        "(default: runs/slurm_jobs; `NEMORUN_HOME=JOB_DIR nemo experiment status ...` reads it)",
+    )
     p.add_argument("--workdir", help="directory the job runs in (default: current directory; shared filesystem)")
     p.add_argument("--stall-minutes", type=int, default=30, help="watchdog limit between metrics lines (0 = off)")
     p.add_argument("--startup-minutes", type=int, default=60, help="watchdog limit for the first metrics line")
+    p.add_argument(
+        "--no-gpus",
+        action="store_true",
+        help="CPU nodes: request no GPUs from Slurm; --gpus-per-node is then the ranks per node",
+    )
     p.add_argument("--name", default="qrl-slurm", help="nemo-run experiment title")
     p.add_argument("--dryrun", action="store_true", help="render the sbatch script offline, submit nothing")
     p.add_argument("--out", help="with --dryrun: copy the rendered script into this folder")
@@ -187,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stall_minutes=args.stall_minutes,
             startup_minutes=args.startup_minutes,
             setup=args.setup,
+            request_gpus=not args.no_gpus,
         )
     except (ValueError, ImportError) as err:
         print(f"launch.slurm: {err}", file=sys.stderr)
@@ -197,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"launch.slurm: sbatch script rendered to {path} (nothing submitted)", file=sys.stderr)
         return 0
     run = require_nemo_run()
-    with run.Experiment(args.name, executor=executor) as exp:
+    with run.Experiment(args.name, executor=executor, base_dir=experiment_base_dir(executor)) as exp:
         exp.add(task, name="learner")
         exp.run(detach=True)
     return 0

@@ -10,8 +10,15 @@ CONSTRAINTS="$ROOT/scripts/constraints-cpu.txt"
 
 # The editable install records pyproject.toml's entry points (qrl-train, the vLLM plugin): refresh it when they change.
 PROJECT_HASH="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
-# A venv made before a dependency was added (math_verify, peft) fails the import probe and takes the full, idempotent path.
-if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import torch, vllm, megatron.core, math_verify, peft, qrl_megatron, te_ext" 2>/dev/null; then
+# nemo-run (launch/, `qrl-launch`) is part of the default stack; QRL_INSTALL_LAUNCH=0 leaves it out.
+LAUNCH="${QRL_INSTALL_LAUNCH:-1}"
+PROBE="import torch, vllm, megatron.core, math_verify, peft, qrl_megatron, te_ext"
+[[ "$LAUNCH" == "0" ]] || PROBE="$PROBE, nemo_run"
+# Slurm + munge + shellcheck from the system's packages (the `slurm` tests, the shellcheck test); runs once.
+bash "$ROOT/scripts/setup_slurm.sh" || true
+# A venv made before a dependency was added (math_verify, peft, nemo_run) fails the import probe and takes the full,
+# idempotent path.
+if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "$PROBE" 2>/dev/null; then
   if [[ "$(cat "$STAMP")" != "$PROJECT_HASH" ]]; then
     "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps -e "$ROOT"
     echo "$PROJECT_HASH" > "$STAMP"
@@ -37,10 +44,10 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -c "$CONSTRAI
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import torch, vllm, megatron.core, transformers, datasets, omegaconf, math_verify, peft, qrl_megatron, te_ext; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
   || { echo "[setup] FAILED: the stack does not import; see the messages above" >&2; exit 1; }
-# Optional: nemo-run for launch/local.py and launch/slurm.py (QRL_INSTALL_LAUNCH=1). nemo-run 0.11.1 needs
+# nemo-run for `qrl-launch` (launch/local.py, launch/slurm.py); skipped with QRL_INSTALL_LAUNCH=0. nemo-run 0.11.1 needs
 # leptonai==0.27.3 to import; leptonai pins older anyio/httpx/starlette/prometheus-fastapi-instrumentator/cloudpickle
 # (and torchx an older urllib3) than vLLM wants, so vLLM's versions are put back afterwards (nemo-run still imports).
-if [[ "${QRL_INSTALL_LAUNCH:-0}" == "1" ]]; then
+if [[ "$LAUNCH" != "0" ]]; then
   KEEP=$("$VENV/bin/python" -m pip freeze --disable-pip-version-check 2>/dev/null \
     | grep -iE '^(anyio|cloudpickle|httpcore2|httpx|httpx2|prometheus-fastapi-instrumentator|starlette|urllib3)==' || true)
   "${PIP[@]}" -q "nemo-run==0.11.1" "leptonai==0.27.3"

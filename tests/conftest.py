@@ -75,3 +75,17 @@ def tiny_engine(_tiny_engine_session, tiny_model_dir: Path):
     weights = {k: v.to(torch.bfloat16) for k, v in load_hf_weights(tiny_model_dir).items() if k != "lm_head.weight"}
     _tiny_engine_session.load_weights(weights)
     return _tiny_engine_session
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node Slurm cluster (tests/slurm_cluster.py) for the session: skipped, naming what is missing,
+    where Slurm cannot start (no packages, not root); a cluster that should start but does not is an error."""
+    from slurm_cluster import missing_piece, start_cluster
+
+    why = missing_piece()
+    if why is not None:
+        pytest.skip(why)
+    cluster = start_cluster()
+    yield cluster
+    cluster.stop()

@@ -1,5 +1,6 @@
-"""Launchers: the sbatch scripts (rendered, syntax-checked, and run against a fake Slurm), job_info, and the
-nemo-run local/Slurm builders (skipped without nemo-run). No Slurm, GPU or network needed."""
+"""Launchers: the sbatch scripts (rendered, syntax-checked, and run against a fake Slurm), job_info, the nemo-run
+local/Slurm builders and the `qrl-launch` dispatcher. No Slurm, GPU or network needed (the real runs:
+tests/test_qrl_launch.py, tests/test_slurm.py)."""
 
 from __future__ import annotations
 
@@ -382,7 +383,7 @@ def test_job_info_prepare_prints_shell(
 
 def test_missing_nemo_run_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "nemo_run", None)  # `import nemo_run` raises ImportError
-    with pytest.raises(ImportError, match="QRL_INSTALL_LAUNCH=1"):
+    with pytest.raises(ImportError, match="scripts/setup_env.sh"):
         require_nemo_run()
 
 
@@ -396,7 +397,7 @@ def test_slurm_layout_error_before_nemo_run(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_local_experiment_uses_torchrun() -> None:
-    pytest.importorskip("nemo_run")
+    require_nemo_run()  # part of the default set-up: a missing nemo-run fails here, naming the install command
     from launch.local import build_local_experiment
 
     task, executor = build_local_experiment(CONFIG, ["learner.tp=2", "learner.dp=2"], env_vars={"OMP_NUM_THREADS": "1"})
@@ -409,7 +410,7 @@ def test_local_experiment_uses_torchrun() -> None:
 
 @pytest.fixture
 def nemorun_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    pytest.importorskip("nemo_run")
+    require_nemo_run()
     import nemo_run.config
 
     home = tmp_path / "nemorun-home"
@@ -436,8 +437,9 @@ def test_slurm_dryrun_renders_sbatch(nemorun_home: Path, tmp_path: Path) -> None
     )
     script = render_dryrun(task, executor, "qrl-test", out_dir=tmp_path / "out")
     assert script.parent == tmp_path / "out" and script.name.endswith("_sbatch.sh")
-    assert next(nemorun_home.rglob("*_sbatch.sh"))  # rendered under NEMORUN_HOME, nothing submitted
-    assert not (tmp_path / "jobs").exists()
+    # rendered under job_dir/experiments, where its LocalTunnel would submit it from; nothing submitted
+    assert next((tmp_path / "jobs" / "experiments" / "qrl-test").rglob("*_sbatch.sh"))
+    assert not nemorun_home.exists()
     text = script.read_text()
     bash_syntax_ok(text, tmp_path)
     options = sbatch_options(text)
@@ -461,6 +463,9 @@ def test_slurm_experiment_options(nemorun_home: Path, tmp_path: Path) -> None:
     )
     assert executor.container_image == "img:1" and f"{tmp_path}:{tmp_path}" in executor.container_mounts
     assert executor.srun_args == [f"--container-workdir={tmp_path}"] and not executor.setup_lines
+    assert executor.gpus_per_node == 1
+    _, executor = build_slurm_experiment(CONFIG, ["learner.dp=2"], nodes=1, gpus_per_node=2, request_gpus=False)
+    assert executor.gpus_per_node is None and executor.ntasks_per_node == 2  # CPU nodes: 2 ranks, no GPU request
     with pytest.raises(ValueError, match="/nemo_run"):  # nemo-run rewrites that string in the script
         build_slurm_experiment(CONFIG, [], nodes=1, gpus_per_node=1, job_dir=tmp_path / "nemo_run")
 
@@ -476,3 +481,14 @@ def test_vllm_serve_accepts_the_arguments() -> None:
     ns = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", model, *rest, *tail])
     assert ns.model == "/models/m" and ns.seed == 5 and ns.logprobs_mode == "processed_logprobs"
     assert ns.worker_extension_cls == job_info.WORKER_EXTENSION and ns.tensor_parallel_size == 2
+
+
+def test_qrl_launch_dispatches(nemorun_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.cli import main
+
+    assert main([]) == 2 and "qrl-launch {local,slurm}" in capsys.readouterr().out
+    assert main(["nope"]) == 2 and "unknown subcommand 'nope'" in capsys.readouterr().err
+    assert main(["local", CONFIG, "learner.dp=2", "--dryrun"]) == 0  # launch.local's own arguments
+    assert "torchrun" in capsys.readouterr().out
+    assert main(["slurm", CONFIG, "--nodes", "2", "--gpus-per-node", "1", "--dryrun"]) == 2  # launch.slurm's checks
+    assert "learner.tp" in capsys.readouterr().err
