@@ -41,7 +41,7 @@ from qrl_megatron.config_fields import ConfigError
     [
         ("colocated", 1, "", False, "shm"),
         ("server", 1, "", False, "shm"),
-        ("server", 1, "http://10.0.0.5:8000", False, "shm"),
+        ("server", 1, "http://10.0.0.5:8000", False, "tcp"),  # another host without CUDA: over TCP
         ("colocated", 1, "", True, "cuda_ipc"),
         ("colocated", 2, "", True, "shm"),  # the other TP workers' GPUs hold no IPC handle of rank 0
         ("server", 1, "", True, "cuda_ipc"),  # a server started here shares the learner's GPU
@@ -56,7 +56,8 @@ def test_auto_picks_the_transport(engine: str, tp: int, url: str, cuda: bool, ex
 def test_auto_on_this_cpu_machine_is_shm() -> None:
     assert not torch.cuda.is_available()
     assert resolve_transport(SyncConfig().transport, "colocated") == "shm"
-    assert resolve_transport("auto", "server", server_url="http://gpu-node:8000") == "shm"
+    assert resolve_transport("auto", "server", server_url="http://127.0.0.1:8000") == "shm"
+    assert resolve_transport("auto", "server", server_url="http://gpu-node:8000") == "tcp"
 
 
 @pytest.mark.unit

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from qrl_megatron.config_fields import ConfigError, check_choice, check_positive, doc
+from qrl_megatron.config_fields import ConfigError, check_choice, check_positive, check_range, doc
+
+if TYPE_CHECKING:
+    from qrl_megatron.bridge.transport import TcpOptions
 
 __all__ = ["SyncConfig"]
 
@@ -23,8 +27,16 @@ class SyncConfig:
     )
     transport: str = doc(
         "auto",
-        "how buckets reach the engine: shm (/dev/shm files), cuda_ipc (same GPU), nccl (server on other GPUs/hosts); "
-        "auto: shm on CPU, cuda_ipc for an engine on the learner's GPU, nccl for a remote server",
+        "how buckets reach the engine: shm (/dev/shm files), cuda_ipc (same GPU), nccl (server on other GPUs/hosts), "
+        "tcp (a server on any host, CPU or GPU); auto: shm on CPU (tcp for a server on another host), cuda_ipc for an "
+        "engine on the learner's GPU, nccl for a server at a URL",
+    )
+    tcp_address: str = doc(
+        "", "transport=tcp: the trainer's address as the servers reach it (empty: the interface routed to the server)"
+    )
+    tcp_port: int = doc(0, "transport=tcp: the port the trainer listens on for the engine's workers (0: any free one)")
+    tcp_timeout_s: float = doc(
+        120.0, "transport=tcp: connect/accept/send/receive timeout of every socket; a peer silent longer is an error"
     )
     probe_every: int = doc(
         10, "logprob probe (engine vs the learner's forward on the engine's weights) every N syncs (0: off)"
@@ -35,9 +47,17 @@ class SyncConfig:
     )
     probe_sequences: int = doc(4, "held-out prompt+answer sequences the probe scores")
 
+    def tcp_options(self) -> TcpOptions:
+        """The ``sync.tcp_*`` settings as the TCP transport takes them."""
+        from qrl_megatron.bridge.transport import TcpOptions
+
+        return TcpOptions(self.tcp_address, self.tcp_port, self.tcp_timeout_s)
+
     def validate(self, prefix: str = "sync") -> None:
         check_choice(f"{prefix}.method", self.method, ("bridge", "full"))
-        check_choice(f"{prefix}.transport", self.transport, ("auto", "shm", "cuda_ipc", "nccl"))
+        check_choice(f"{prefix}.transport", self.transport, ("auto", "shm", "cuda_ipc", "nccl", "tcp"))
+        check_range(f"{prefix}.tcp_port", self.tcp_port, 0, 65535)
+        check_positive(f"{prefix}.tcp_timeout_s", self.tcp_timeout_s)
         check_positive(f"{prefix}.bucket_mib", self.bucket_mib)
         for i, pattern in enumerate(self.exclude):
             try:

@@ -21,6 +21,10 @@ drive vLLM's own GPU backends (engine side: :mod:`qrl_megatron.rollout.weight_tr
 * :class:`NcclTransport` (``nccl``): each tensor broadcast over an NCCL group of the trainer (rank 0) and the
   engine's workers (a ``vllm serve`` on other GPUs or hosts).
 
+and one more for any host without a GPU path, :class:`TcpTransport` (``tcp``, engine side ``qrl_tcp``): each
+bucket's bytes streamed over a TCP connection from the trainer to every worker of the engine (wire format and who
+listens: :mod:`qrl_megatron.bridge.tcp`).
+
 vLLM's trainer-side engines (``IPCTrainerWeightTransferEngine``, ``NCCLTrainerWeightTransferEngine``) are not used:
 they take a whole-model ``WeightSource`` and run start -> update -> finish themselves, and the IPC one all-gathers
 handles over the default process group, which only the bridge's sending rank enters here. These classes build
@@ -39,8 +43,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -55,6 +61,8 @@ __all__ = [
     "CudaIpcTransport",
     "NcclTransport",
     "SharedMemoryTransport",
+    "TcpOptions",
+    "TcpTransport",
     "make_transport",
     "resolve_transport",
     "WeightChannel",
@@ -198,7 +206,7 @@ class SharedMemoryTransport:
 
 # -- GPU transports ----------------------------------------------------------------------------------------------
 
-TRANSPORTS = ("auto", "shm", "cuda_ipc", "nccl")
+TRANSPORTS = ("auto", "shm", "cuda_ipc", "nccl", "tcp")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
@@ -208,43 +216,86 @@ def _url_host(url: str) -> str:
     return urlparse(url).hostname or ""
 
 
+def is_loopback(url: str) -> bool:
+    """Whether the server at ``url`` is addressed on loopback."""
+    return _url_host(url) in _LOOPBACK
+
+
+def is_other_host(url: str) -> bool:
+    """Whether ``url``'s host certainly is another machine: it resolves, and none of its addresses is one of ours
+    (binding to an address succeeds only on its own host; no packet is sent). An unresolvable name is not certain."""
+    import socket
+
+    host = _url_host(url)
+    if host in _LOOPBACK:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, _, _, _, address in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((address[0], 0))
+            except OSError:
+                continue
+            return False
+    return True
+
+
 def resolve_transport(
     requested: str,
     engine: str,
     *,
     engine_tp: int = 1,
-    server_url: str = "",
+    server_url: str | Sequence[str] = "",
     cuda: bool | None = None,
     key: str = "sync.transport",
 ) -> str:
     """The transport a run uses: ``requested`` (``sync.transport``) checked against the machine and the engine.
 
-    ``auto``: ``shm`` without CUDA; on GPU ``cuda_ipc`` for an engine on the learner's GPU (colocated at TP 1, or a
-    server started here: it inherits the learner's devices), ``nccl`` for a server at ``rollout.server_url``
-    (another GPU or host), ``shm`` for a colocated engine at TP > 1 (its workers sit on GPUs whose IPC handles the
-    sending rank does not hold). An explicit GPU transport without CUDA, or one the engine cannot use, is a
-    ConfigError naming ``key``.
+    ``server_url``: the URL of the server(s) the run connects to (``rollout.server_url`` / ``server_urls``; empty:
+    a server started here on loopback, or a colocated engine).
+
+    ``auto``: on CPU ``shm`` for an engine on this host (colocated, or a server on loopback) and ``tcp`` for a
+    server on another host; on GPU ``cuda_ipc`` for an engine on the learner's GPU (colocated at TP 1, or a server
+    started here: it inherits the learner's devices), ``nccl`` for a server at a URL (another GPU or host), ``shm``
+    for a colocated engine at TP > 1 (its workers sit on GPUs whose IPC handles the sending rank does not hold). An
+    explicit GPU transport without CUDA, or a transport the engine cannot use (``shm`` to another host), is a
+    ConfigError naming ``key``. ``tcp`` works for every engine, on CPU and GPU (it copies device buckets to the
+    host).
     """
     if cuda is None:
         cuda = bool(torch.cuda.is_available())
+    urls = [server_url] if isinstance(server_url, str) else list(server_url)
+    urls = [u for u in urls if u]
+    remote = [u for u in urls if not is_loopback(u)] if engine == "server" else []
     if requested not in TRANSPORTS:
         raise ConfigError(f"{key}={requested!r} is not one of {', '.join(TRANSPORTS)}")
     if requested == "auto":
         if not cuda:
-            return "shm"
+            return "tcp" if remote else "shm"
         if engine == "server":
-            return "nccl" if server_url else "cuda_ipc"
+            return "nccl" if urls else "cuda_ipc"
         return "cuda_ipc" if engine_tp == 1 else "shm"
+    if requested == "tcp":
+        return requested
     if requested == "shm":
+        remote = [u for u in remote if is_other_host(u)]  # a name of this very host is fine
+        if remote:
+            raise ConfigError(
+                f"{key}=shm hands buckets over as /dev/shm files on this host, but the server at {remote[0]} is "
+                f"another host; use {key}=tcp (or auto)"
+            )
         return requested
     if not cuda:
         raise ConfigError(
-            f"{key}={requested} needs CUDA (torch.cuda.is_available() is False); use {key}=auto or shm on CPU"
+            f"{key}={requested} needs CUDA (torch.cuda.is_available() is False); use {key}=auto, shm or tcp on CPU"
         )
     if requested == "cuda_ipc":
-        if engine == "server" and server_url and _url_host(server_url) not in _LOOPBACK:
+        if remote:
             raise ConfigError(
-                f"{key}=cuda_ipc needs the engine on the learner's GPU, but rollout.server_url={server_url} is "
+                f"{key}=cuda_ipc needs the engine on the learner's GPU, but rollout.server_url={remote[0]} is "
                 f"another host; use {key}=nccl"
             )
         if engine != "server" and engine_tp != 1:
@@ -252,7 +303,7 @@ def resolve_transport(
                 f"{key}=cuda_ipc sends from the learner's rank-0 GPU, which holds no IPC handle for the other GPUs of "
                 f"rollout.tp={engine_tp}; use rollout.tp=1 or {key}=shm"
             )
-    if requested == "nccl" and (engine != "server" or not server_url):
+    if requested == "nccl" and (engine != "server" or not urls):
         where = "a colocated engine" if engine != "server" else "a server started here (rollout.server_url empty)"
         raise ConfigError(
             f"{key}=nccl needs the engine on other GPUs, but {where} shares the learner's GPU and NCCL cannot put two "
@@ -414,14 +465,186 @@ def nccl_address(server_url: str) -> str:
         return str(s.getsockname()[0])
 
 
+# -- TCP --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TcpOptions:
+    """``sync.tcp_*``: where the trainer listens for the engine's workers and how long a silent peer is waited for."""
+
+    address: str = ""
+    """the trainer's address as the workers reach it (empty: the interface the route to the server leaves from)"""
+    port: int = 0
+    """the trainer's listening port (0: any free one)"""
+    timeout_s: float = 120.0
+    """connect / accept / send / receive timeout of every socket, both ends"""
+
+
+def tcp_init_info(host: str, port: int, timeout_s: float, verify_checksums: bool = True) -> dict[str, Any]:
+    """The ``init_weight_transfer_engine`` info of the ``qrl_tcp`` backend: whom every worker connects to."""
+    return {"host": host, "port": int(port), "timeout_s": float(timeout_s), "verify_checksums": verify_checksums}
+
+
+def tcp_update_info(seq: int, tensors: Mapping[str, torch.Tensor], sums: Mapping[str, str]) -> dict[str, Any]:
+    """The ``update_weights`` info of the ``qrl_tcp`` backend: bucket ``seq``'s metadata and checksums (its bytes
+    follow on every worker's stream)."""
+    from qrl_megatron.bridge.tcp import wire_metadata
+
+    return {"seq": int(seq), **wire_metadata(tensors), "checksums": dict(sums)}
+
+
+class TcpTransport(SharedMemoryTransport):
+    """Buckets streamed over TCP through the ``qrl_tcp`` backend (a ``vllm serve`` on any host, CPU or GPU).
+
+    ``init`` listens on ``address:port`` and, while the engine's ``init_weight_transfer_engine`` runs, accepts one
+    connection from each of its ``engine_world_size`` workers; each ``update`` sends the bucket's metadata and
+    checksums in the ``update_weights`` call and, concurrently, its bytes to every worker (each holds the whole
+    bucket, verifies it, then loads it in the layerwise reload). A broken stream (a worker gone, a timeout) is
+    re-opened by the next ``start``. Adapter and norm updates (QeRL mode) stay on the shared-memory files of
+    :class:`SharedMemoryTransport` (a server on this host only).
+    """
+
+    backend = "qrl_tcp"
+
+    def __init__(self, channel: WeightChannel, engine_world_size: int, options: TcpOptions) -> None:
+        super().__init__(channel)
+        self.workers = int(engine_world_size)
+        self.options = options
+        # a loopback address is listened on as such; any other on every interface (the advertised address may be
+        # a NAT or cluster-network name the host does not hold)
+        self.bind = "127.0.0.1" if options.address in _LOOPBACK else ""
+        self.streams: list[Any] = []
+        self.endpoint = ""
+        self.seq = 0
+        self.verify_checksums = True
+        self.sent_bytes = 0  # payload bytes per worker since init (a fan-out check: equal for every engine)
+
+    def init(self, verify_checksums: bool = True) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from qrl_megatron.bridge import tcp
+
+        self.close()
+        self.verify_checksums = verify_checksums
+        listener = tcp.listen(self.bind, self.options.port)
+        port = listener.getsockname()[1]
+        self.endpoint = f"{self.options.address}:{port}"
+        info = tcp_init_info(self.options.address, port, self.options.timeout_s, verify_checksums)
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
+            future = pool.submit(self.channel.call, "init_weight_transfer_engine", info)
+            self.streams = self._accept(listener, future)
+            future.result()
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            listener.close()
+            pool.shutdown(wait=False)  # a worker that never connected leaves the call pending: never join it
+        self.seq = 0
+
+    def _accept(self, listener: Any, future: Any) -> list[Any]:
+        import socket
+
+        from qrl_megatron.bridge import tcp
+
+        timeout = self.options.timeout_s
+        deadline = time.monotonic() + timeout
+        by_rank: dict[int, Any] = {}
+        listener.settimeout(0.2)
+        while len(by_rank) < self.workers:
+            if future.done() and future.exception() is not None:
+                future.result()  # the engine refused the init (its error names the reason, e.g. no route to us)
+            if time.monotonic() > deadline:
+                raise tcp.TcpStreamError(
+                    f"qrl_tcp: {len(by_rank)} of {self.workers} engine workers connected to the trainer at "
+                    f"{self.endpoint} within {timeout:g} s (sync.tcp_timeout_s); is that address reachable from the "
+                    f"server (sync.tcp_address, sync.tcp_port)?"
+                )
+            try:
+                sock, _ = listener.accept()
+            except TimeoutError:
+                continue
+            sock.settimeout(timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            rank, world = tcp.recv_hello(sock)
+            if world != self.workers or rank in by_rank or not 0 <= rank < world:
+                sock.close()
+                raise tcp.TcpStreamError(
+                    f"qrl_tcp: worker rank {rank} of {world} at {tcp.peer_name(sock)} does not fit an engine of "
+                    f"{self.workers} workers (rollout.tp)"
+                )
+            by_rank[rank] = sock
+        return [by_rank[r] for r in range(self.workers)]
+
+    def start(self) -> None:
+        if not self.streams:  # broken by the previous sync (or never opened): open a new one first
+            self.init(self.verify_checksums)
+        super().start()
+
+    def update(self, tensors: Mapping[str, torch.Tensor], sums: Mapping[str, str]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from qrl_megatron.bridge import tcp
+
+        if not self.streams:
+            raise tcp.TcpStreamError("qrl_tcp: no stream to the engine's workers (init() first, or start() again)")
+        host = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}  # one host copy for all
+        seq = self.seq
+        self.seq += 1
+        pool = ThreadPoolExecutor(max_workers=1 + len(self.streams))
+        try:
+            future = pool.submit(self.channel.call, "update_weights", tcp_update_info(seq, host, sums))
+            sends = [pool.submit(tcp.send_bucket, sock, seq, host) for sock in self.streams]
+            try:
+                sizes = [s.result() for s in sends]
+            except tcp.TcpStreamError:
+                if future.done() or _wait(future, 5.0):
+                    future.result()  # the worker's own report (it closed the stream) says more than ours
+                raise
+            self.sent_bytes += sizes[0] if sizes else 0
+            future.result()
+        except Exception as e:
+            try:
+                raise_verification_error(e)  # a refused bucket was read whole: the stream is still in step
+            except (WeightVerificationError, AdapterUpdateError):
+                raise
+            self.close()  # anything else leaves the stream in an unknown state: the next start() opens a new one
+            raise
+        finally:
+            pool.shutdown(wait=False)
+
+    def close(self) -> None:
+        for sock in self.streams:
+            sock.close()
+        self.streams = []
+
+
+def _wait(future: Any, timeout_s: float) -> bool:
+    from concurrent.futures import wait
+
+    return bool(wait([future], timeout=timeout_s).done)
+
+
 def make_transport(
-    name: str, channel: WeightChannel, *, engine_world_size: int = 1, server_url: str = ""
+    name: str,
+    channel: WeightChannel,
+    *,
+    engine_world_size: int = 1,
+    server_url: str = "",
+    tcp: TcpOptions | None = None,
 ) -> SharedMemoryTransport:
-    """The transport class ``name`` (a resolved ``sync.transport``: shm, cuda_ipc or nccl) over ``channel``."""
+    """The transport class ``name`` (a resolved ``sync.transport``: shm, cuda_ipc, nccl or tcp) over ``channel``;
+    ``tcp``: the ``sync.tcp_*`` options (defaults when None)."""
     if name == "shm":
         return SharedMemoryTransport(channel)
     if name == "cuda_ipc":
         return CudaIpcTransport(channel)
     if name == "nccl":
         return NcclTransport(channel, engine_world_size, nccl_address(server_url))
-    raise ValueError(f"unknown weight transport {name!r} (resolve sync.transport first: shm, cuda_ipc or nccl)")
+    if name == "tcp":
+        options = tcp or TcpOptions()
+        if not options.address:
+            options = TcpOptions(nccl_address(server_url), options.port, options.timeout_s)
+        return TcpTransport(channel, engine_world_size, options)
+    raise ValueError(f"unknown weight transport {name!r} (resolve sync.transport first: shm, cuda_ipc, nccl or tcp)")

@@ -22,7 +22,11 @@ to finish like ``qrl_shm`` (the reload-warning filter, the tied lm_head refresh)
 * ``qrl_nccl`` -- vLLM's ``NCCLWeightTransferEngine`` (``nccl_engine.py``), unpacked: one NCCL broadcast per tensor
   from the trainer (rank 0 of a group with the engine's workers), for an engine on other GPUs or hosts.
 
-Both receive a whole bucket (bounded by ``sync.bucket_mib``), verify it (the device-side checksum of
+For a server on any host without a GPU path (CPU, or a network NCCL cannot use) ``qrl_tcp`` (a subclass of
+``qrl_shm``: the same reload) connects each worker to the trainer at ``init_weight_transfer_engine`` and reads every
+bucket's bytes from that stream (wire format and who listens: :mod:`qrl_megatron.bridge.tcp`).
+
+All of them receive a whole bucket (bounded by ``sync.bucket_mib``), verify it (the device-side checksum of
 :mod:`qrl_megatron.bridge.checksum`, no host copy) and only then hand it to the model's ``load_weights`` inside the
 same layerwise reload, so a corrupted tensor never reaches the model and -- for NCCL -- a failed check never leaves
 the sender waiting in a broadcast the worker has stopped receiving.
@@ -36,11 +40,12 @@ from typing import Any
 
 BACKEND = "qrl_shm"
 # sync.transport -> the backend name the engine is started with (--weight-transfer-config '{"backend": ...}')
-BACKENDS = {"shm": BACKEND, "cuda_ipc": "qrl_cuda_ipc", "nccl": "qrl_nccl"}
+BACKENDS = {"shm": BACKEND, "cuda_ipc": "qrl_cuda_ipc", "nccl": "qrl_nccl", "tcp": "qrl_tcp"}
 _ENGINE_CLASSES = {
     BACKEND: "SharedMemoryWeightTransferEngine",
     "qrl_cuda_ipc": "CudaIpcWeightTransferEngine",
     "qrl_nccl": "NcclWeightTransferEngine",
+    "qrl_tcp": "TcpWeightTransferEngine",
 }
 # vLLM 0.32's layerwise reload logs this for every module that has weights but received none in an update.
 RELOAD_WARNING = "%s: Failed to load weights"
@@ -283,7 +288,7 @@ def _device_engine_classes() -> dict[str, type]:
     }
 
 
-def _engine_class() -> type:
+def _engine_classes() -> dict[str, type]:
     from vllm.distributed.weight_transfer.base import (
         WeightTransferEngine,
         WeightTransferInitInfo,
@@ -341,16 +346,102 @@ def _engine_class() -> type:
         def shutdown(self) -> None:
             self.received = {}
 
-    return SharedMemoryWeightTransferEngine
+    @dataclass
+    class TcpInitInfo(WeightTransferInitInfo):
+        host: str = ""
+        """the trainer's listening address"""
+        port: int = 0
+        timeout_s: float = 120.0
+        """connect / receive timeout (``sync.tcp_timeout_s``)"""
+        verify_checksums: bool = True
+
+    @dataclass
+    class TcpUpdateInfo(WeightTransferUpdateInfo):
+        seq: int = 0
+        """the bucket's number on the stream since init (its header must carry the same)"""
+        names: list[str] = field(default_factory=list)
+        dtype_names: list[str] = field(default_factory=list)
+        shapes: list[list[int]] = field(default_factory=list)
+        checksums: dict[str, str] = field(default_factory=dict)
+
+        def __post_init__(self) -> None:
+            if not len(self.names) == len(self.dtype_names) == len(self.shapes):
+                raise ValueError(
+                    f"qrl_tcp update: {len(self.names)} names, {len(self.dtype_names)} dtypes and "
+                    f"{len(self.shapes)} shapes must be the same number"
+                )
+
+    class TcpWeightTransferEngine(SharedMemoryWeightTransferEngine):
+        init_info_cls = TcpInitInfo  # type: ignore[assignment]
+        update_info_cls = TcpUpdateInfo  # type: ignore[assignment]
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.stream: Any = None
+
+        def init_transfer_engine(self, init_info: Any) -> None:
+            from qrl_megatron.bridge import tcp
+
+            self.shutdown()
+            self.verify_checksums = bool(init_info.verify_checksums)
+            rank, world = _worker_rank()
+            self.stream = tcp.connect(init_info.host, int(init_info.port), float(init_info.timeout_s))
+            tcp.send_hello(self.stream, rank, world)
+
+        def receive_weights(self, update_info: Any) -> None:
+            from qrl_megatron.bridge import tcp
+            from qrl_megatron.bridge.checksum import compare_checksums
+
+            if self.stream is None:
+                raise tcp.TcpStreamError(
+                    "qrl_tcp: no stream from the trainer (init_weight_transfer_engine first, or again after a break)"
+                )
+            try:
+                tensors = tcp.recv_bucket(
+                    self.stream, update_info.seq, update_info.names, update_info.dtype_names, update_info.shapes
+                )
+            except BaseException:
+                self.shutdown()  # out of step with the trainer: it re-inits at its next start
+                raise
+            # the whole bucket has been read, so a refused one leaves the stream in step for the next
+            if self.verify_checksums and update_info.checksums:
+                compare_checksums(update_info.checksums, tensors)
+            self.model.load_weights(iter(tensors.items()))  # type: ignore[operator]
+            for name, t in tensors.items():
+                self.received[name] = t.numel()
+
+        def shutdown(self) -> None:
+            super().shutdown()
+            if self.stream is not None:
+                self.stream.close()
+                self.stream = None
+
+    return {
+        "SharedMemoryWeightTransferEngine": SharedMemoryWeightTransferEngine,
+        "TcpInitInfo": TcpInitInfo,
+        "TcpUpdateInfo": TcpUpdateInfo,
+        "TcpWeightTransferEngine": TcpWeightTransferEngine,
+    }
+
+
+def _worker_rank() -> tuple[int, int]:
+    """This worker's rank and the engine's worker count (vLLM's world group: TP x PP)."""
+    try:
+        from vllm.distributed.parallel_state import get_world_group
+
+        group = get_world_group()
+        return int(group.rank_in_group), int(group.world_size)
+    except (ImportError, AssertionError):  # no vLLM world (a unit test drives the engine directly)
+        return 0, 1
 
 
 def __getattr__(name: str) -> Any:
     # vLLM's factory imports this module and looks the class up by name; build it lazily so importing
     # qrl_megatron never needs vLLM.
-    if name == "SharedMemoryWeightTransferEngine":
-        cls = _engine_class()
-        globals()[name] = cls
-        return cls
+    if name in ("SharedMemoryWeightTransferEngine", "TcpWeightTransferEngine", "TcpInitInfo", "TcpUpdateInfo"):
+        host_classes = _engine_classes()
+        globals().update(host_classes)
+        return host_classes[name]
     if name in ("CudaIpcWeightTransferEngine", "NcclWeightTransferEngine") or name.endswith(("InitInfo", "UpdateInfo")):
         classes = _device_engine_classes()
         if name in classes:
