@@ -176,7 +176,6 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
             adapter=serving,
             model_dir=engine_model_dir,
             transport=transport,
-            tcp=cfg.sync.tcp_options(),
         )
 
     if layout.rank == 0:
@@ -299,6 +298,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
         if driver and logger:
             metrics = _step_metrics(result.metrics, mismatch, updates, train_seconds, sync_metrics)
             metrics.update(lr=lr, updates_skipped=sum(u["update_skipped"] for u in updates), skipped_in_a_row=skipped)
+            metrics.update(driver.engine.step_metrics())  # rollout.engines > 1: tokens/s, sync s and bytes per engine
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
                 metrics.update(flat_metrics(driver.evaluate(step)))  # eval_accuracy, eval/<set>/pass@k, ...
             if step == start_step + 1:  # the data accounting, once: data/<split>/skipped_<reason>

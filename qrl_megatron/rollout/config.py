@@ -19,6 +19,16 @@ class RolloutConfig:
     engine: str = doc("colocated", "colocated: vLLM in the trainer's process tree; server: a `vllm serve` over HTTP")
     server_url: str = doc("", "engine=server: URL of a running `vllm serve` (empty: start one on loopback)")
     tp: int = doc(1, "tensor-parallel size of the vLLM engine (it reshards the full tensors the bridge sends)")
+    engines: int = doc(
+        1,
+        "data-parallel rollout: N engines (colocated, or servers: one per listed URL, or N started on loopback), "
+        "each prompt batch split across them and every one refitted each step (rollout/pool.py)",
+    )
+    on_engine_failure: str = doc(
+        "stop",
+        "an engine that dies: stop (restarted per trainer.engine_restarts, then the run ends naming it) or "
+        "continue (dropped, its prompts re-split to the others; the run stops with none left)",
+    )
     prompts_per_step: int = doc(32, "prompts per RL step")
     samples_per_prompt: int = doc(8, "completions per prompt (the GRPO group size)")
     max_new_tokens: int = doc(8, "longest completion in tokens")
@@ -47,6 +57,13 @@ class RolloutConfig:
         check_choice(f"{prefix}.quant", self.quant, ROLLOUT_FORMATS)
         check_choice(f"{prefix}.engine", self.engine, ("colocated", "server"))
         check_positive(f"{prefix}.tp", self.tp)
+        check_positive(f"{prefix}.engines", self.engines)
+        check_choice(f"{prefix}.on_engine_failure", self.on_engine_failure, ("stop", "continue"))
+        if self.engines > 1 and self.server_url:
+            raise ConfigError(
+                f"{prefix}.engines={self.engines} with one {prefix}.server_url: one engine per server; list "
+                f"{self.engines} servers (one URL each) or leave {prefix}.server_url empty to start them on loopback"
+            )
         if self.server_url and not self.server_url.startswith(("http://", "https://")):
             raise ConfigError(f"{prefix}.server_url must start with http:// or https://, got {self.server_url!r}")
         if self.sleep_level and self.server_url:

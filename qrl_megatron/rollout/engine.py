@@ -1,7 +1,8 @@
 """What every rollout engine provides: the :class:`RolloutEngine` protocol, its result type and shared helpers.
 
 Two engines implement it: the colocated vLLM ``LLM`` (:mod:`qrl_megatron.rollout.vllm_engine`) and a separate
-``vllm serve`` process driven over HTTP (:mod:`qrl_megatron.rollout.server_engine`). Both move weights through
+``vllm serve`` process driven over HTTP (:mod:`qrl_megatron.rollout.server_engine`); :mod:`qrl_megatron.rollout.pool`
+implements it over N of them (data-parallel rollout). Both move weights through
 :class:`qrl_megatron.bridge.transport.SharedMemoryTransport`, seed sampling with :func:`sampling_seed` and keep the
 launcher's torchrun variables (:data:`LAUNCHER_ENV`) out of vLLM's processes.
 """
@@ -125,6 +126,13 @@ class TransportWeights:
         self.transport.finish()  # and resets the prefix cache
         self._reinstall_adapter()
 
+    def begin_step(self, step: int) -> None:
+        """The training step now running; a single engine has no use for it (a pool names it when one dies)."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Per-engine figures since the last call (a pool: ``engine<i>/...``); a single engine has none of its own."""
+        return {}
+
     def _reinstall_adapter(self) -> None:
         # vLLM drops every adapter after a base-weight update (reset_lora_state); put the in-memory one back
         if self.adapter is not None:
@@ -149,9 +157,10 @@ class RolloutEngine(Protocol):
     tokenizer: Any
 
     def generate(
-        self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, step: int
+        self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, step: int, first_index: int = 0
     ) -> list[Completion]:
-        """`n` samples per prompt, grouped prompt by prompt; prompt i is seeded with :func:`sampling_seed`."""
+        """`n` samples per prompt, grouped prompt by prompt; prompt i is seeded with :func:`sampling_seed` of
+        ``first_index + i`` (a shard of a bigger batch samples what the whole batch would)."""
         ...
 
     def greedy(self, prompts: list[str], max_new_tokens: int) -> list[Completion]: ...
@@ -193,5 +202,13 @@ class RolloutEngine(Protocol):
     def parameter_checksums(self) -> dict[str, float]: ...
 
     def add_norm_noise(self, sigma: float, seed: int) -> dict[str, float]: ...
+
+    def begin_step(self, step: int) -> None:
+        """The training step now running (an engine pool names it when one of its engines dies)."""
+        ...
+
+    def step_metrics(self) -> dict[str, float]:
+        """Per-engine figures since the last call (tokens/s, sync seconds and bytes of each engine of a pool)."""
+        ...
 
     def close(self) -> None: ...

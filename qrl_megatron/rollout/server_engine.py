@@ -25,9 +25,7 @@ All but the first two exist only when the server runs with ``VLLM_SERVER_DEV_MOD
 dev routers only then); a server we start gets it, one we connect to must have been started with it.
 
 The ``qrl_shm`` backend hands each bucket over as a safetensors file in ``/dev/shm``: the server must run on the
-same host as the sender (the weights never travel over HTTP, only the file path and the per-tensor checksums). A
-server on another host takes them over TCP (``sync.transport=tcp``, backend ``qrl_tcp``: the bytes on a socket from
-the trainer to each worker, the metadata and checksums in the HTTP call) or NCCL on GPU.
+same host as the sender (the weights never travel over HTTP, only the file path and the per-tensor checksums).
 """
 
 from __future__ import annotations
@@ -49,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from qrl_megatron.bridge.transport import TcpOptions, make_transport
+from qrl_megatron.bridge.transport import make_transport
 from qrl_megatron.rollout.config import RolloutConfig
 from qrl_megatron.rollout.engine import (
     LAUNCHER_ENV,
@@ -168,11 +166,9 @@ class VLLMServerEngine(TransportWeights):
         extra_args: Sequence[str] = (),
         adapter: LoRAServing | None = None,
         transport: str = "shm",
-        tcp: TcpOptions | None = None,
     ) -> None:
         """``transport``: a resolved ``sync.transport`` (bridge/transport.resolve_transport); a server at ``url``
-        must have been started with its backend (``--weight-transfer-config '{"backend": "qrl_tcp"}'`` for tcp,
-        ``qrl_nccl`` for nccl); ``tcp``: the ``sync.tcp_*`` options."""
+        must have been started with its backend (``--weight-transfer-config '{"backend": "qrl_nccl"}'`` for nccl)."""
         from transformers import AutoTokenizer
 
         self.cfg, self.seed, self.model_dir = cfg, seed, str(model_dir)
@@ -184,9 +180,7 @@ class VLLMServerEngine(TransportWeights):
         self._log_dir = ""
         self._finalizer: weakref.finalize | None = None
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.transport = make_transport(
-            transport, _HttpChannel(self), engine_world_size=cfg.tp, server_url=url, tcp=tcp
-        )
+        self.transport = make_transport(transport, _HttpChannel(self), engine_world_size=cfg.tp, server_url=url)
         self.sleeping: set[str] = set()  # rollout.sleep_level: what release_memory released and is not woken yet
         if url:
             self.url = url.rstrip("/")
@@ -332,15 +326,22 @@ class VLLMServerEngine(TransportWeights):
             return list(pool.map(fn, items))
 
     def generate(
-        self, prompts: Sequence[str | list[int]], n: int, temperature: float, max_new_tokens: int, step: int
+        self,
+        prompts: Sequence[str | list[int]],
+        n: int,
+        temperature: float,
+        max_new_tokens: int,
+        step: int,
+        first_index: int = 0,
     ) -> list[Completion]:
-        """`n` samples per prompt, grouped prompt by prompt; each prompt's sampling is seeded from (seed, step, i)."""
+        """`n` samples per prompt, grouped prompt by prompt; prompt i's sampling is seeded from
+        (seed, step, first_index + i)."""
         self.reacquire_memory()  # a sleeping server schedules nothing
         bodies = []
         for i, prompt in enumerate(prompts):
             body = {"prompt": prompt, "n": n, **self._sampling_body(temperature, max_new_tokens)}
             if temperature > 0:
-                body["seed"] = sampling_seed(self.seed, step, i)
+                body["seed"] = sampling_seed(self.seed, step, first_index + i)
                 body["logprobs"] = 0  # the sampled token's logprob only
                 body["return_tokens_as_token_ids"] = True
             bodies.append(body)

@@ -57,6 +57,7 @@ class RolloutDriver:
         }  # the main 'eval' first
 
     def rollout(self, step: int) -> RolloutResult:
+        self.engine.begin_step(step)  # an engine pool names the step when one of its engines dies
         return rollout(self.engine, self.sampler, self.cfg, self.algo, step, self.seq_length, self.pad_id, self.scorer)
 
     def evaluate(self, step: int = 0) -> dict[str, Any]:

@@ -157,9 +157,10 @@ class VLLMEngine(TransportWeights):
         self.transport.init(verify_checksums=True)
 
     def generate(
-        self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, step: int
+        self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, step: int, first_index: int = 0
     ) -> list[Completion]:
-        """`n` samples per prompt, grouped prompt by prompt; each prompt's sampling is seeded from (seed, step, i)."""
+        """`n` samples per prompt, grouped prompt by prompt; prompt i's sampling is seeded from
+        (seed, step, first_index + i)."""
         from vllm import SamplingParams
 
         params = [
@@ -169,7 +170,7 @@ class VLLMEngine(TransportWeights):
                 top_p=self.cfg.top_p if temperature > 0 else 1.0,
                 max_tokens=max_new_tokens,
                 logprobs=0 if temperature > 0 else None,
-                seed=sampling_seed(self.seed, step, i) if temperature > 0 else None,
+                seed=sampling_seed(self.seed, step, first_index + i) if temperature > 0 else None,
             )
             for i in range(len(prompts))
         ]
