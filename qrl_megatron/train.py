@@ -176,6 +176,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
             adapter=serving,
             model_dir=engine_model_dir,
             transport=transport,
+            tcp=cfg.sync.tcp_options(),
         )
 
     if layout.rank == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qrl_megatron.bridge.transport import TcpOptions
 from qrl_megatron.rollout.config import RolloutConfig
 from qrl_megatron.rollout.engine import LoRAServing, RolloutEngine
 
@@ -37,10 +38,12 @@ def make_engine(
     adapter: LoRAServing | None = None,
     model_dir: str | Path | None = None,
     transport: str = "shm",
+    tcp: TcpOptions | None = None,
 ) -> RolloutEngine:
     """The engine ``rollout.engine`` names, started from ``policy_dir`` (exported first when quantized) or from
     ``model_dir`` (already in the rollout format); ``adapter``: QeRL mode, the LoRA adapter it serves;
-    ``transport``: how weights reach it (a resolved ``sync.transport``, bridge/transport.resolve_transport)."""
+    ``transport``: how weights reach it (a resolved ``sync.transport``, bridge/transport.resolve_transport; ``tcp``:
+    the ``sync.tcp_*`` options)."""
     model_dir = str(model_dir or rollout_model_dir(rollout, run_dir, policy_dir, plan))
     if rollout.engines > 1:  # data-parallel rollout: N engines behind this one interface (rollout/pool.py)
         from qrl_megatron.rollout.pool import start_pool
@@ -49,7 +52,7 @@ def make_engine(
             rollout,
             lambda member: make_engine(
                 member, run_dir, seed, policy_dir, max_model_len, plan,
-                adapter=adapter, model_dir=model_dir, transport=transport,
+                adapter=adapter, model_dir=model_dir, transport=transport, tcp=tcp,
             ),
         )  # fmt: skip
     if rollout.engine == "server":
@@ -64,9 +67,16 @@ def make_engine(
                 url=rollout.server_url,
                 adapter=adapter,
                 transport=transport,
+                tcp=tcp,
             )
         return VLLMServerEngine(
-            model_dir, rollout, seed=seed, max_model_len=max_model_len, url=rollout.server_url, transport=transport
+            model_dir,
+            rollout,
+            seed=seed,
+            max_model_len=max_model_len,
+            url=rollout.server_url,
+            transport=transport,
+            tcp=tcp,
         )
     from qrl_megatron.rollout.vllm_engine import VLLMEngine
 

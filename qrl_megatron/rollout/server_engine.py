@@ -25,7 +25,9 @@ All but the first two exist only when the server runs with ``VLLM_SERVER_DEV_MOD
 dev routers only then); a server we start gets it, one we connect to must have been started with it.
 
 The ``qrl_shm`` backend hands each bucket over as a safetensors file in ``/dev/shm``: the server must run on the
-same host as the sender (the weights never travel over HTTP, only the file path and the per-tensor checksums).
+same host as the sender (the weights never travel over HTTP, only the file path and the per-tensor checksums). A
+server on another host takes them over TCP (``sync.transport=tcp``, backend ``qrl_tcp``: the bytes on a socket from
+the trainer to each worker, the metadata and checksums in the HTTP call) or NCCL on GPU.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from qrl_megatron.bridge.transport import make_transport
+from qrl_megatron.bridge.transport import TcpOptions, make_transport
 from qrl_megatron.rollout.config import RolloutConfig
 from qrl_megatron.rollout.engine import (
     LAUNCHER_ENV,
@@ -166,9 +168,11 @@ class VLLMServerEngine(TransportWeights):
         extra_args: Sequence[str] = (),
         adapter: LoRAServing | None = None,
         transport: str = "shm",
+        tcp: TcpOptions | None = None,
     ) -> None:
         """``transport``: a resolved ``sync.transport`` (bridge/transport.resolve_transport); a server at ``url``
-        must have been started with its backend (``--weight-transfer-config '{"backend": "qrl_nccl"}'`` for nccl)."""
+        must have been started with its backend (``--weight-transfer-config '{"backend": "qrl_tcp"}'`` for tcp,
+        ``qrl_nccl`` for nccl); ``tcp``: the ``sync.tcp_*`` options."""
         from transformers import AutoTokenizer
 
         self.cfg, self.seed, self.model_dir = cfg, seed, str(model_dir)
@@ -180,7 +184,9 @@ class VLLMServerEngine(TransportWeights):
         self._log_dir = ""
         self._finalizer: weakref.finalize | None = None
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.transport = make_transport(transport, _HttpChannel(self), engine_world_size=cfg.tp, server_url=url)
+        self.transport = make_transport(
+            transport, _HttpChannel(self), engine_world_size=cfg.tp, server_url=url, tcp=tcp
+        )
         self.sleeping: set[str] = set()  # rollout.sleep_level: what release_memory released and is not woken yet
         if url:
             self.url = url.rstrip("/")
