@@ -81,25 +81,29 @@ class SlurmCluster:
 
     def stop(self) -> None:
         self.run("scancel", "--full", "--partition", PARTITION, check=False, timeout=10)
-        for pid_file in reversed(self.pid_files):  # slurmd, slurmctld, then munged
+        pids = []
+        for pid_file in self.pid_files:  # all at once: each Slurm daemon takes seconds to shut down
             try:
                 pid = int(pid_file.read_text().split()[0])
+                os.kill(pid, signal.SIGTERM)
             except (OSError, ValueError, IndexError):
                 continue
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
+            pids.append(pid)
+        deadline = time.monotonic() + 15
+        for pid in pids:
+            while time.monotonic() < deadline and _alive(pid):
                 time.sleep(0.1)
-            else:
+            if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _slurm_conf(root: Path, socket: Path, cpus: int, memory_mb: int) -> str:
