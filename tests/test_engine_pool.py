@@ -4,6 +4,7 @@ weight stream fanned out to each, and an engine that dies (rollout.on_engine_fai
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -216,3 +217,80 @@ def test_two_colocated_engines_sample_the_one_engine_batch_and_outlive_a_killed_
     finally:
         with contextlib.suppress(Exception):
             second.close()
+
+
+# -- qrl-train: two `vllm serve` servers on loopback, refitted over TCP every step ------------------------------------
+
+# the rollout of a step: these are functions of its tokens alone, so equal batches give equal values
+TOKEN_METRICS = ("reward_mean", "accuracy", "groups_all_equal", "response_length_mean", "truncated_fraction")
+
+
+def _servers_under(pid: int) -> list[psutil.Process]:
+    """The `vllm serve` API-server processes the trainer started (each leads its own process group)."""
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            cmd = child.cmdline()
+            if "--port" in cmd and "--weight-transfer-config" in cmd and child.pid == os.getpgid(child.pid):
+                found.append(child)
+    return found
+
+
+@pytest.mark.e2e
+def test_two_servers_refitted_over_tcp_train_and_a_killed_server_is_named_and_dropped(
+    tmp_path, reference_run, run_cache_dir
+):
+    """rollout.engine=server rollout.engines=2 sync.transport=tcp: step 1 samples the batch of the one-engine
+    reference run (same token-level metrics) and every step streams the single-engine bytes to each server; one
+    server's process group is SIGKILLed after step 1, and with rollout.on_engine_failure=continue it is named by
+    host:port and step, its prompts go to the other server, and the run ends normally."""
+    import signal
+    import subprocess
+    import time
+
+    from e2e_utils import REFERENCE, REPO, qrl_train_command, read_metrics
+
+    run = tmp_path / "run"
+    command = qrl_train_command(
+        run, run_cache_dir, *REFERENCE, "trainer.max_steps=3", "trainer.save_every=0", "trainer.checkpoint=false",
+        "rollout.engine=server", "rollout.engines=2", "sync.transport=tcp", "rollout.on_engine_failure=continue",
+    )  # fmt: skip
+    log_path = tmp_path / "train.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        metrics = run / "metrics.jsonl"
+        deadline = time.monotonic() + 500
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, "timed out waiting for step 1"
+            time.sleep(0.2)
+        servers = _servers_under(proc.pid)
+        assert len(servers) == 2, [s.cmdline() for s in servers]
+        victim = servers[0]
+        port = victim.cmdline()[victim.cmdline().index("--port") + 1]
+        os.killpg(victim.pid, signal.SIGKILL)  # the server, its engine core and workers
+        assert proc.wait(timeout=400) == 0, log_path.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:  # a failed test: the trainer and the servers it started (their own sessions)
+            for server in _servers_under(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = log_path.read_text()
+    assert f"rollout server 127.0.0.1:{port} (engine " in out and " of 2) died at step " in out, out[-4000:]
+    assert "continuing on 1 of 2 engines" in out
+
+    rows, reference = read_metrics(run), read_metrics(reference_run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    first = rows[0]
+    assert {k: first[k] for k in TOKEN_METRICS} == {k: reference[0][k] for k in TOKEN_METRICS}
+    assert first["sync_bytes"] == reference[0]["sync_bytes"] > 0  # one stream from the learner
+    assert first["engine0/sync_bytes"] == first["engine1/sync_bytes"] == first["sync_bytes"]  # ...to each server
+    assert first["engines_alive"] == 2 and rows[-1]["engines_alive"] == 1
+    assert first["engine0/rollout_tokens_per_s"] > 0 and first["engine1/rollout_tokens_per_s"] > 0
+    alive = 0 if rows[-1]["engine0/sync_bytes"] else 1  # the survivor still gets every step's whole stream
+    assert (
+        rows[-1][f"engine{alive}/sync_bytes"] == rows[-1]["sync_bytes"]
+        and rows[-1][f"engine{1 - alive}/sync_bytes"] == 0
+    )

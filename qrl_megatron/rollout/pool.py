@@ -209,7 +209,16 @@ class EnginePool(TransportWeights):
 
 
 def member_configs(rollout: Any) -> list[Any]:
-    """The ``rollout.*`` config of each of the ``rollout.engines`` engines (one engine each)."""
+    """The ``rollout.*`` config of each of the ``rollout.engines`` engines (one engine each): servers listed in
+    ``rollout.server_urls`` get one URL each, in order; without URLs every engine is started here."""
+    urls = list(getattr(rollout, "server_urls", None) or [])
+    if rollout.engine == "server" and urls:
+        if len(urls) != rollout.engines:
+            raise ValueError(
+                f"rollout.server_urls lists {len(urls)} servers but rollout.engines={rollout.engines}; set "
+                f"rollout.engines={len(urls)} (one engine per server)"
+            )
+        return [dataclasses.replace(rollout, engines=1, server_urls=[], server_url=url) for url in urls]
     return [dataclasses.replace(rollout, engines=1) for _ in range(rollout.engines)]
 
 
