@@ -124,6 +124,11 @@ class QRLConfig:
                 )
             if self.rollout.tp != 1:
                 raise ConfigError("rollout.tp must be 1 with learner.lora.rank > 0 (the in-memory adapter swap)")
+        if self.rollout.engines > 1 and self.sync.tcp_port and self.sync.transport in ("tcp", "auto"):
+            raise ConfigError(
+                f"sync.tcp_port={self.sync.tcp_port} with rollout.engines={self.rollout.engines}: each engine's TCP "
+                "weight stream listens on a port of its own; set sync.tcp_port=0 (any free port)"
+            )
         if self.warmstart.batch_size % self.learner.dp:
             raise ConfigError(f"warmstart.batch_size must be divisible by learner.dp={self.learner.dp}")
         warm_per_rank = self.warmstart.batch_size // self.learner.dp

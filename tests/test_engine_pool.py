@@ -51,6 +51,29 @@ def test_merge_puts_shards_back_in_prompt_order_whatever_order_they_finish():
     assert [c.text for c in merged] == [f"{p}/{s}" for p in range(5) for s in range(2)]
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("overrides", "parts"),
+    [
+        (["rollout.engines=0"], ["rollout.engines"]),
+        (["rollout.on_engine_failure=retry"], ["rollout.on_engine_failure", "continue"]),
+        (
+            ["rollout.engine=server", "rollout.engines=2", "rollout.server_url=http://127.0.0.1:8000"],
+            ["rollout.engines=2", "rollout.server_url"],
+        ),
+        (["rollout.engines=2", "sync.tcp_port=29555"], ["sync.tcp_port=29555", "sync.tcp_port=0"]),
+    ],
+)
+def test_bad_data_parallel_settings_are_one_error_naming_the_key(overrides, parts):
+    from e2e_utils import REPO
+
+    from qrl_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(str(REPO / "configs" / "tiny_cpu.yaml"), overrides)
+    assert all(p in str(info.value) for p in parts) and "\n" not in str(info.value), str(info.value)
+
+
 # -- the fan-out transport ----------------------------------------------------------------------------------------
 
 

@@ -86,7 +86,8 @@ class EnginePool(TransportWeights):
 
     def _died(self, index: int, error: EngineDied) -> None:
         """Engine ``index`` died: raise (``stop``, or none left), or drop it and say so (``continue``)."""
-        report = f"{self.names[index]} died at step {self.step}: {error}"
+        detail = str(error).strip().splitlines()  # one line: a server's error has its log's tail after the first
+        report = f"{self.names[index]} died at step {self.step}: {detail[0] if detail else type(error).__name__}"
         if index in self.alive:
             self.alive.remove(index)
         self.transport.drop(index)
