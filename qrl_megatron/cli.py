@@ -161,12 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         # once, before any rank starts, so ranks never race to build the tiny model, and a hub id missing from
         # the HF cache is one line here rather than a traceback per rank
         try:
-            from qrl_megatron.bridge.transport import resolve_transport
+            from qrl_megatron.rollout.servers import run_transport
 
-            # sync.transport=cuda_ipc / nccl without CUDA: one line before any process starts
-            resolve_transport(
-                cfg.sync.transport, cfg.rollout.engine, engine_tp=cfg.rollout.tp, server_url=cfg.rollout.server_url
-            )
+            # sync.transport=cuda_ipc / nccl without CUDA, shm to another host: one line before any process starts
+            run_transport(cfg.sync, cfg.rollout)
             prepare_base_model(cfg.model, cfg.run.cache_dir)
         except ConfigError as err:
             print(f"qrl-train: config error: {err}", file=sys.stderr)

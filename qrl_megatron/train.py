@@ -59,12 +59,11 @@ def _broadcast(obj: T | None) -> T:
 
 def train(cfg: QRLConfig) -> dict[str, Any] | None:
     preemption = PreemptionFlag()  # first: a signal that arrives during start-up is honoured at the first step
-    from qrl_megatron.bridge.transport import resolve_transport
+    from qrl_megatron.rollout.servers import connect_servers, run_transport
 
     # before any process or model: sync.transport=cuda_ipc / nccl on a machine without CUDA is a one-line error
-    transport = resolve_transport(
-        cfg.sync.transport, cfg.rollout.engine, engine_tp=cfg.rollout.tp, server_url=cfg.rollout.server_url
-    )
+    transport = run_transport(cfg.sync, cfg.rollout)
+    rollout_cfg = cfg.rollout  # rank 0: with the URLs of rollout.server_urls / server_list once they are healthy
     check_device_settings(cfg, torch.cuda.is_available())  # GPU-only memory settings: one line, before any work
     layout = init_distributed(cfg.learner.tp, cfg.learner.pp, cfg.learner.dp, seed=cfg.seed)
     torch.set_num_threads(cfg.learner.threads or max(1, (os.cpu_count() or 1) // layout.world_size))
@@ -167,7 +166,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
     def start_engine() -> Any:
         """Rank 0's engine: the policy in the rollout format (QeRL: the exported base + the initial adapter)."""
         return make_engine(
-            cfg.rollout,
+            rollout_cfg,
             cfg.run.dir,
             cfg.seed,
             policy_dir,
@@ -197,6 +196,7 @@ def train(cfg: QRLConfig) -> dict[str, Any] | None:
                     )
                 ),
             )
+        rollout_cfg = connect_servers(cfg.rollout, lambda line: print(line, flush=True))  # waits for their health
         engine = start_engine()
         scorer = RewardScorer(cfg.reward, cfg.task.name)
         driver = RolloutDriver(

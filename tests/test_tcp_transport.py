@@ -316,7 +316,7 @@ def test_auto_and_tcp_resolution(requested: str, engine: str, urls: Any, cuda: b
 
 def test_shm_to_another_host_is_one_line_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"^sync\.transport=shm hands buckets over as /dev/shm files on this host, "
-                       r"but the server at http://10\.0\.0\.5:8000 is another host; use sync\.transport=tcp") as e:  # fmt: skip
+                       r"but the server at http://10\.0\.0\.5:8000 is on another host; use sync\.transport=tcp") as e:  # fmt: skip
         resolve_transport("shm", "server", server_url="http://10.0.0.5:8000", cuda=False)
     assert "\n" not in str(e.value)
 

@@ -208,6 +208,7 @@ class SharedMemoryTransport:
 
 TRANSPORTS = ("auto", "shm", "cuda_ipc", "nccl", "tcp")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+LISTED = "<rollout.server_list>"  # the servers of a list file, their URLs not read yet
 
 
 def _url_host(url: str) -> str:
@@ -243,6 +244,10 @@ def is_other_host(url: str) -> bool:
     return True
 
 
+def _where(url: str) -> str:
+    return "the rollout.server_list servers are" if url == LISTED else f"the server at {url} is"
+
+
 def resolve_transport(
     requested: str,
     engine: str,
@@ -251,11 +256,14 @@ def resolve_transport(
     server_url: str | Sequence[str] = "",
     cuda: bool | None = None,
     key: str = "sync.transport",
+    server_list: bool = False,
 ) -> str:
     """The transport a run uses: ``requested`` (``sync.transport``) checked against the machine and the engine.
 
     ``server_url``: the URL of the server(s) the run connects to (``rollout.server_url`` / ``server_urls``; empty:
-    a server started here on loopback, or a colocated engine).
+    a server started here on loopback, or a colocated engine); ``server_list``: the servers come from a list file
+    (``rollout.server_list``, read later): taken as servers on another host (the rollout-server job serves the
+    ``qrl_tcp`` backend on CPU, ``qrl_nccl`` on GPU: launch/job_info.py).
 
     ``auto``: on CPU ``shm`` for an engine on this host (colocated, or a server on loopback) and ``tcp`` for a
     server on another host; on GPU ``cuda_ipc`` for an engine on the learner's GPU (colocated at TP 1, or a server
@@ -269,6 +277,8 @@ def resolve_transport(
         cuda = bool(torch.cuda.is_available())
     urls = [server_url] if isinstance(server_url, str) else list(server_url)
     urls = [u for u in urls if u]
+    if server_list and engine == "server":
+        urls.append(LISTED)
     remote = [u for u in urls if not is_loopback(u)] if engine == "server" else []
     if requested not in TRANSPORTS:
         raise ConfigError(f"{key}={requested!r} is not one of {', '.join(TRANSPORTS)}")
@@ -281,11 +291,11 @@ def resolve_transport(
     if requested == "tcp":
         return requested
     if requested == "shm":
-        remote = [u for u in remote if is_other_host(u)]  # a name of this very host is fine
+        remote = [u for u in remote if u == LISTED or is_other_host(u)]  # a name of this very host is fine
         if remote:
             raise ConfigError(
-                f"{key}=shm hands buckets over as /dev/shm files on this host, but the server at {remote[0]} is "
-                f"another host; use {key}=tcp (or auto)"
+                f"{key}=shm hands buckets over as /dev/shm files on this host, but {_where(remote[0])} on another "
+                f"host; use {key}=tcp (or auto)"
             )
         return requested
     if not cuda:
@@ -295,8 +305,8 @@ def resolve_transport(
     if requested == "cuda_ipc":
         if remote:
             raise ConfigError(
-                f"{key}=cuda_ipc needs the engine on the learner's GPU, but rollout.server_url={remote[0]} is "
-                f"another host; use {key}=nccl"
+                f"{key}=cuda_ipc needs the engine on the learner's GPU, but {_where(remote[0])} on another "
+                f"host; use {key}=nccl"
             )
         if engine != "server" and engine_tp != 1:
             raise ConfigError(

@@ -18,6 +18,19 @@ class RolloutConfig:
     )
     engine: str = doc("colocated", "colocated: vLLM in the trainer's process tree; server: a `vllm serve` over HTTP")
     server_url: str = doc("", "engine=server: URL of a running `vllm serve` (empty: start one on loopback)")
+    server_urls: list[str] = doc(
+        text="engine=server: URLs of running `vllm serve` rollout servers, one engine each (rollout.engines = their "
+        "number); one URL is the same as server_url",
+        factory=list,
+    )
+    server_list: str = doc(
+        "",
+        "engine=server: a file of server URLs, one per line, as slurm/rollout_servers.sbatch writes it (waited for; "
+        "rollout.engines = their number)",
+    )
+    server_wait_s: float = doc(
+        600.0, "servers at URLs: deadline for the server_list file to appear and for every server's GET /health"
+    )
     tp: int = doc(1, "tensor-parallel size of the vLLM engine (it reshards the full tensors the bridge sends)")
     engines: int = doc(
         1,
@@ -66,7 +79,8 @@ class RolloutConfig:
             )
         if self.server_url and not self.server_url.startswith(("http://", "https://")):
             raise ConfigError(f"{prefix}.server_url must start with http:// or https://, got {self.server_url!r}")
-        if self.sleep_level and self.server_url:
+        self._check_server_urls(prefix)
+        if self.sleep_level and (self.server_url or self.server_urls or self.server_list):
             raise ConfigError(
                 f"{prefix}.sleep_level={self.sleep_level} with {prefix}.server_url: an engine this run does not start "
                 f"has no sleep mode enabled by it; set {prefix}.sleep_level=0 or leave {prefix}.server_url empty"
@@ -80,6 +94,22 @@ class RolloutConfig:
         check_range(f"{prefix}.gpu_memory_utilization", self.gpu_memory_utilization, 0.01, 1.0)
         check_choice(f"{prefix}.sleep_level", self.sleep_level, (0, 1, 2))
         check_positive(f"{prefix}.call_timeout_s", self.call_timeout_s, allow_zero=True)
+
+    def _check_server_urls(self, prefix: str) -> None:
+        given = [k for k in ("server_url", "server_urls", "server_list") if getattr(self, k)]
+        if len(given) > 1:
+            raise ConfigError(
+                f"{prefix}.{given[0]} and {prefix}.{given[1]} both name the servers; set only one of them"
+            )
+        for i, url in enumerate(self.server_urls):
+            if not str(url).startswith(("http://", "https://")):
+                raise ConfigError(f"{prefix}.server_urls[{i}] must start with http:// or https://, got {url!r}")
+        if len(self.server_urls) > 1 and self.engines != len(self.server_urls):
+            raise ConfigError(
+                f"{prefix}.server_urls lists {len(self.server_urls)} servers but {prefix}.engines={self.engines}; "
+                f"set {prefix}.engines={len(self.server_urls)} (one engine per server)"
+            )
+        check_positive(f"{prefix}.server_wait_s", self.server_wait_s)
 
     def check_device(self, cuda: bool, prefix: str = "rollout") -> None:
         """The settings that need a GPU, against this machine (``cuda``: CUDA is available); at the run's start."""
