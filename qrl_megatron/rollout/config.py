@@ -75,7 +75,7 @@ class RolloutConfig:
         if self.engines > 1 and self.server_url:
             raise ConfigError(
                 f"{prefix}.engines={self.engines} with one {prefix}.server_url: one engine per server; list "
-                f"{self.engines} servers (one URL each) or leave {prefix}.server_url empty to start them on loopback"
+                f"{self.engines} in {prefix}.server_urls, or leave {prefix}.server_url empty to start them on loopback"
             )
         if self.server_url and not self.server_url.startswith(("http://", "https://")):
             raise ConfigError(f"{prefix}.server_url must start with http:// or https://, got {self.server_url!r}")

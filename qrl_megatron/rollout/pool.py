@@ -33,6 +33,7 @@ from functools import partial
 from typing import Any
 
 from qrl_megatron.bridge.fanout import FanOutTransport, concurrently
+from qrl_megatron.config_fields import ConfigError
 from qrl_megatron.rollout.engine import Completion, EngineDied, TransportWeights
 
 __all__ = ["EnginePool", "contiguous_shards", "merge_shards"]
@@ -212,10 +213,10 @@ class EnginePool(TransportWeights):
 def member_configs(rollout: Any) -> list[Any]:
     """The ``rollout.*`` config of each of the ``rollout.engines`` engines (one engine each): servers listed in
     ``rollout.server_urls`` get one URL each, in order; without URLs every engine is started here."""
-    urls = list(getattr(rollout, "server_urls", None) or [])
+    urls = list(rollout.server_urls)
     if rollout.engine == "server" and urls:
         if len(urls) != rollout.engines:
-            raise ValueError(
+            raise ConfigError(
                 f"rollout.server_urls lists {len(urls)} servers but rollout.engines={rollout.engines}; set "
                 f"rollout.engines={len(urls)} (one engine per server)"
             )
