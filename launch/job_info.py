@@ -8,7 +8,7 @@ locates the base model once (as `qrl-train` does before its ranks start), and pr
     QRL_RUN_DIR=/abs/run/dir
     QRL_WORLD_SIZE=8
     QRL_MODEL_DIR=/abs/model
-    QRL_SERVE_ARGS=(/abs/model --tokenizer /abs/model --dtype bfloat16 ...)
+    QRL_SERVE_ARGS=(/abs/model-in-rollout-format --tokenizer ... --weight-transfer-config '{"backend": "qrl_tcp"}' ...)
 
 Errors are one line on stderr and exit code 2. Nothing but the assignments goes to stdout.
 """
@@ -31,28 +31,57 @@ if TYPE_CHECKING:
 WORKER_EXTENSION = "qrl_megatron.rollout.worker_extension.QRLWorkerExtension"
 
 
+def server_weight_backend(cfg: QRLConfig) -> str:
+    """The weight-transfer backend the rollout servers take weights through: ``sync.transport`` resolved as the
+    learner resolves it for servers read from a list (``qrl_tcp`` on CPU, ``qrl_nccl`` on GPU under ``auto``)."""
+    import dataclasses
+
+    from qrl_megatron.rollout.servers import run_transport
+    from qrl_megatron.rollout.weight_transfer import BACKENDS
+
+    listed = dataclasses.replace(cfg.rollout, engine="server", server_url="", server_urls=[], server_list="listed")
+    return BACKENDS[run_transport(cfg.sync, listed)]
+
+
 def vllm_serve_args(cfg: QRLConfig, model_dir: str | Path) -> list[str]:
-    """`vllm serve` arguments (model first) matching the in-process engine of qrl_megatron.rollout.vllm_engine:
-    bf16 weights, the run's seed, logprobs of the processed (temperature-scaled) distribution, and the worker
-    extension that receives weight updates. Host, port and tensor parallelism are added by the sbatch script."""
+    """`vllm serve` arguments (model first) matching the in-process engine of qrl_megatron.rollout.vllm_engine
+    (rollout/server_engine.engine_flags: bf16 compute, logprobs of the processed distribution, the worker
+    extension, the memory settings), the run's seed and the weight-transfer backend the learner will use
+    (:func:`server_weight_backend`). Host, port and tensor parallelism are added by the sbatch script."""
+    from qrl_megatron.rollout.server_engine import engine_flags
+
     model = str(model_dir)
-    args = [
+    return [
         model,
         "--tokenizer",
         model,
-        "--dtype",
-        "bfloat16",
         "--seed",
         str(cfg.seed),
-        "--logprobs-mode",
-        "processed_logprobs",
-        "--worker-extension-cls",
-        WORKER_EXTENSION,
-        "--enable-prefix-caching",
+        *engine_flags(cfg.rollout, server_weight_backend(cfg)),
     ]
-    if cfg.rollout.enforce_eager:
-        args.append("--enforce-eager")
-    return args
+
+
+def serve_model_dir(cfg: QRLConfig, base_dir: Path) -> Path:
+    """The folder the servers load: the base in ``rollout.quant`` (exported once, with the bf16 exclusions of the
+    learner's sync plan, as qrl_megatron.rollout.engines.rollout_model_dir does for an engine the learner starts);
+    the learner's first sync then replaces its weights with the policy's own."""
+    if cfg.rollout.quant == "bf16":
+        return base_dir
+    from qrl_megatron.bridge.base import rollout_target
+    from qrl_megatron.bridge.plan import build_plan
+    from qrl_megatron.models.registry import load_spec
+    from qrl_megatron.rollout.engines import rollout_model_dir
+
+    learner = cfg.learner
+    plan = build_plan(
+        load_spec(base_dir),
+        learner.tp,
+        learner.pp,
+        learner.dp,
+        rollout_target(cfg.sync, cfg.rollout.quant, cfg.rollout.tp),
+    )
+    # under a folder of its own: the learner exports into run.dir/rollout_model_<quant> when it starts an engine
+    return rollout_model_dir(cfg.rollout, Path(cfg.run.dir).resolve() / "rollout_servers", base_dir, plan)
 
 
 def shell_assignments(values: dict[str, str | list[str]]) -> str:
@@ -76,7 +105,7 @@ def prepare(config: str, overrides: Sequence[str], nodes: int | None, gpus_per_n
             "QRL_RUN_DIR": str(Path(cfg.run.dir).resolve()),
             "QRL_WORLD_SIZE": str(cfg.learner.world_size),
             "QRL_MODEL_DIR": str(model_dir),
-            "QRL_SERVE_ARGS": vllm_serve_args(cfg, model_dir),
+            "QRL_SERVE_ARGS": vllm_serve_args(cfg, serve_model_dir(cfg, model_dir)),
         }
     )
 

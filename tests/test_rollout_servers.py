@@ -145,3 +145,29 @@ def test_the_transport_for_listed_servers() -> None:
     assert run_transport(SyncConfig(), local, cuda=False) == "shm"
     with pytest.raises(ConfigError, match=r"^sync\.transport=shm .* but the rollout\.server_list servers are on"):
         run_transport(SyncConfig(transport="shm"), listed, cuda=False)
+
+
+def test_the_rollout_server_job_serves_the_rollout_format_with_the_tcp_backend(tmp_path: Path) -> None:
+    """What slurm/rollout_servers.sbatch runs (launch/job_info.py prepare): the base exported in rollout.quant with
+    the learner's bf16 exclusions, and --weight-transfer-config naming the backend the learner resolves for listed
+    servers."""
+    import json
+
+    from launch import job_info
+    from launch.common import load_checked_config
+    from qrl_megatron.models.base import prepare_base_model
+
+    cfg = load_checked_config(
+        "configs/tiny_cpu.yaml", ["rollout.quant=nvfp4", f"run.dir={tmp_path / 'run'}", f"run.cache_dir={tmp_path}"]
+    )
+    base = Path(prepare_base_model(cfg.model, cfg.run.cache_dir))
+    served = job_info.serve_model_dir(cfg, base)
+    assert served == (tmp_path / "run" / "rollout_servers" / "rollout_model_nvfp4").resolve()
+    quant = json.loads((served / "config.json").read_text())["quantization_config"]
+    assert "lm_head" in json.dumps(quant)  # kept in bf16, as for an engine the learner starts
+    args = job_info.vllm_serve_args(cfg, served)
+    assert args[0] == str(served)
+    assert json.loads(args[args.index("--weight-transfer-config") + 1]) == {"backend": "qrl_tcp"}
+    assert job_info.WORKER_EXTENSION in args and "processed_logprobs" in args
+    bf16 = load_checked_config("configs/tiny_cpu.yaml", [f"run.cache_dir={tmp_path}"])
+    assert job_info.serve_model_dir(bf16, base) == base

@@ -93,6 +93,32 @@ def _serve_command(model_dir: str) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir]
 
 
+WORKER_EXTENSION = "qrl_megatron.rollout.worker_extension.QRLWorkerExtension"
+
+
+def engine_flags(cfg: RolloutConfig, weight_backend: str) -> list[str]:
+    """The `vllm serve` flags that make a server behave like the colocated engine (bf16 compute, logprobs of the
+    processed distribution, prefix caching, our worker extension, the memory settings) and take weights through
+    ``weight_backend``: for a server started here and for the rollout-server job (launch/job_info.py). Model,
+    host, port, seed and TP are the caller's."""
+    flags = [
+        "--dtype", "bfloat16",
+        "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
+        "--logprobs-mode", "processed_logprobs",
+        "--worker-extension-cls", WORKER_EXTENSION,
+        "--enable-prefix-caching",
+        "--weight-transfer-config", json.dumps({"backend": weight_backend}),
+    ]  # fmt: skip
+    memory = cfg.engine_memory_args()  # the colocated engine's LLM arguments, as flags
+    if memory["kv_cache_memory_bytes"] is not None:
+        flags += ["--kv-cache-memory-bytes", str(memory["kv_cache_memory_bytes"])]
+    if memory["enforce_eager"]:
+        flags.append("--enforce-eager")
+    if memory["enable_sleep_mode"]:
+        flags.append("--enable-sleep-mode")  # its /sleep and /wake_up routes need VLLM_SERVER_DEV_MODE too
+    return flags
+
+
 def _log_tail(path: str, lines: int = 40) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -210,24 +236,12 @@ class VLLMServerEngine(TransportWeights):
             "--tokenizer", self.model_dir,
             "--host", host,
             "--port", str(port),
-            "--dtype", "bfloat16",
             "--seed", str(self.seed),
             "--max-model-len", str(max_model_len),
-            "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
-            "--logprobs-mode", "processed_logprobs",
-            "--worker-extension-cls", "qrl_megatron.rollout.worker_extension.QRLWorkerExtension",
-            "--enable-prefix-caching",
             "--tensor-parallel-size", str(cfg.tp),
-            "--weight-transfer-config", json.dumps({"backend": self.weight_backend}),
             "--disable-uvicorn-access-log",
+            *engine_flags(cfg, self.weight_backend),
         ]  # fmt: skip
-        memory = cfg.engine_memory_args()  # the colocated engine's LLM arguments, as flags
-        if memory["kv_cache_memory_bytes"] is not None:
-            command += ["--kv-cache-memory-bytes", str(memory["kv_cache_memory_bytes"])]
-        if memory["enforce_eager"]:
-            command.append("--enforce-eager")
-        if memory["enable_sleep_mode"]:
-            command.append("--enable-sleep-mode")  # its /sleep and /wake_up routes need VLLM_SERVER_DEV_MODE too
         if self.adapter is not None:
             for key, value in lora_engine_args(self.adapter).items():
                 flag = "--" + key.replace("_", "-")
