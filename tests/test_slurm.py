@@ -1,7 +1,11 @@
 """The project's Slurm jobs on a real one-node Slurm cluster (tests/slurm_cluster.py, started once per session):
 slurm/learner.sbatch submitted with `sbatch --wait`, and `qrl-launch slurm` (nemo-run's SlurmExecutor over a
 LocalTunnel) submitting to the same cluster. Both train the tiny model for 2 steps on CPU. The node has no GPUs:
-jobs ask for none (`--gpus-per-node=0` / `--no-gpus`) and run one learner rank."""
+jobs ask for none (`--gpus-per-node=0` / `--no-gpus`) and run one learner rank.
+
+When the session's cache already holds the tiny base and its warm-start (the e2e tests before these build them),
+the nemo-run job is submitted first and runs while the sbatch job does (the cluster runs both at once); otherwise
+the two would build them into the same folder at the same time, so it is submitted after."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +27,30 @@ from qrl_megatron.utils.net import free_port
 pytestmark = pytest.mark.slurm
 
 CONFIG = "configs/tiny_cpu.yaml"
+# 2 steps without the probe and the dist checkpoint: what these tests check is the launch, not those
+SLURM_RUN = (*TWO_STEPS, "sync.probe_every=0", "trainer.checkpoint=false")
+
+
+def warm_start_cached(cache_dir: Path) -> bool:
+    """Whether cache_dir holds the base model and warm-start of these runs, keyed as qrl_megatron.train keys them
+    (a wrong answer only costs the overlap: the jobs then run one after the other)."""
+    from qrl_megatron.config import load_config, to_dict
+    from qrl_megatron.learner.warmstart import is_complete, warmstart_dir, warmstart_key
+    from qrl_megatron.models.base import prepare_base_model
+
+    cfg = load_config(str(REPO / CONFIG), [f"run.cache_dir={cache_dir}", *SLURM_RUN])
+    base_dir = Path(prepare_base_model(cfg.model, cfg.run.cache_dir))  # builds the tiny base here if it is missing
+    settings = to_dict(cfg)
+    provenance = {"model": settings["model"], "task": settings["task"]}
+    key = warmstart_key(cfg.warmstart, cfg.learner.precision, cfg.seed, base_dir, provenance)
+    return is_complete(warmstart_dir(cache_dir, key))
+
+
+@dataclass
+class Submission:
+    job_id: str
+    run_dir: Path
+    jobs: Path
 
 
 def job_log(tmp_path: Path, pattern: str) -> str:
@@ -28,17 +58,54 @@ def job_log(tmp_path: Path, pattern: str) -> str:
     return "\n".join(p.read_text(errors="replace") for p in logs) if logs else f"(no {pattern} in {tmp_path})"
 
 
-def wait_for_jobs(cluster: SlurmCluster, timeout: float) -> None:
-    """Until the cluster has no pending or running job (sbatch without --wait returned at once)."""
+def wait_for_job(cluster: SlurmCluster, job_id: str, timeout: float) -> str:
+    """The job's final `scontrol show job` line once it has left PENDING/RUNNING (the cluster keeps finished jobs'
+    records for MinJobAge=600 s)."""
     deadline = time.monotonic() + timeout
+    shown = ""
     while time.monotonic() < deadline:
-        if not cluster.run("squeue", "-h", "-o", "%i").stdout.strip():
-            return
+        shown = cluster.run("scontrol", "show", "job", "-o", job_id, check=False).stdout
+        if not re.search(r"JobState=(PENDING|RUNNING|CONFIGURING|COMPLETING)\b", shown):
+            return shown
         time.sleep(2)
-    raise AssertionError(f"jobs still queued after {timeout:.0f} s:\n{cluster.run('squeue').stdout}")
+    raise AssertionError(f"job {job_id} not done after {timeout:.0f} s:\n{shown}")
 
 
-def test_sbatch_learner_trains_on_slurm(slurm_cluster: SlurmCluster, tmp_path: Path, run_cache_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def nemo_run_job(
+    slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory, run_cache_dir: Path
+) -> Callable[[], Submission]:
+    """Submits `qrl-launch slurm ...` once (detached, as the command does) when first called."""
+    done: list[Submission] = []
+
+    def submit() -> Submission:
+        if done:
+            return done[0]
+        base = tmp_path_factory.mktemp("nemo-run-slurm")
+        run_dir, jobs = base / "run", base / "jobs"
+        env = {**slurm_cluster.env, "NEMORUN_HOME": str(base / "nemorun-home")}
+        command = [
+            qrl_launch(), "slurm", CONFIG, f"run.dir={run_dir}", f"run.cache_dir={run_cache_dir}", *SLURM_RUN,
+            "--nodes", "1", "--gpus-per-node", "1", "--no-gpus", "--partition", PARTITION, "--time", "00:10:00",
+            "--job-dir", str(jobs), "--workdir", str(REPO), "--stall-minutes", "0", "--name", "qrl-slurm-test",
+            "--setup", f"export PATH={Path(sys.executable).parent}:$PATH",  # torchrun, as a module load would
+        ]  # fmt: skip
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+        # the job nemo-run submitted: its record (nemo-run keeps the Slurm job id next to the job folder)
+        queued = slurm_cluster.run("squeue", "-h", "-n", "qrl-learner", "-o", "%i", "--sort=-i").stdout.split()
+        assert queued, f"no qrl-learner job queued after qrl-launch slurm:\n{proc.stdout[-3000:]}"
+        done.append(Submission(job_id=queued[0], run_dir=run_dir, jobs=jobs))
+        return done[0]
+
+    return submit
+
+
+def test_sbatch_learner_trains_on_slurm(
+    slurm_cluster: SlurmCluster, nemo_run_job: Callable[[], Submission], tmp_path: Path, run_cache_dir: Path
+) -> None:
+    if warm_start_cached(run_cache_dir):
+        nemo_run_job()  # runs alongside this one (module docstring)
     run_dir = tmp_path / "run"
     env = {
         **slurm_cluster.env,
@@ -49,7 +116,7 @@ def test_sbatch_learner_trains_on_slurm(slurm_cluster: SlurmCluster, tmp_path: P
     command = [
         "sbatch", "--wait", "--gpus-per-node=0", f"--partition={PARTITION}", "--time=00:10:00",
         f"--chdir={REPO}", f"--output={tmp_path}/learner-%j.out",
-        "slurm/learner.sbatch", CONFIG, f"run.dir={run_dir}", f"run.cache_dir={run_cache_dir}", *TWO_STEPS,
+        "slurm/learner.sbatch", CONFIG, f"run.dir={run_dir}", f"run.cache_dir={run_cache_dir}", *SLURM_RUN,
     ]  # fmt: skip
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     log = job_log(tmp_path, "learner-*.out")
@@ -60,23 +127,12 @@ def test_sbatch_learner_trains_on_slurm(slurm_cluster: SlurmCluster, tmp_path: P
 
 
 def test_qrl_launch_slurm_submits_through_nemo_run(
-    slurm_cluster: SlurmCluster, tmp_path: Path, run_cache_dir: Path
+    slurm_cluster: SlurmCluster, nemo_run_job: Callable[[], Submission]
 ) -> None:
-    run_dir = tmp_path / "run"
-    jobs = tmp_path / "jobs"
-    env = {**slurm_cluster.env, "NEMORUN_HOME": str(tmp_path / "nemorun-home")}
-    command = [
-        qrl_launch(), "slurm", CONFIG, f"run.dir={run_dir}", f"run.cache_dir={run_cache_dir}", *TWO_STEPS,
-        "--nodes", "1", "--gpus-per-node", "1", "--no-gpus", "--partition", PARTITION, "--time", "00:10:00",
-        "--job-dir", str(jobs), "--workdir", str(REPO), "--stall-minutes", "0", "--name", "qrl-slurm-test",
-        "--setup", f"export PATH={Path(sys.executable).parent}:$PATH",  # torchrun, as a cluster's module load would
-    ]  # fmt: skip
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    script = next(jobs.rglob("*_sbatch.sh"))  # what nemo-run submitted
+    job = nemo_run_job()
+    script = next(job.jobs.rglob("*_sbatch.sh"))  # what nemo-run submitted
     assert "#SBATCH --gpus-per-node" not in script.read_text()
-    wait_for_jobs(slurm_cluster, timeout=480)
-    shown = slurm_cluster.run("scontrol", "show", "job", "-o").stdout
-    logs = "\n".join(p.read_text(errors="replace") for p in jobs.rglob("*.out"))
+    shown = wait_for_job(slurm_cluster, job.job_id, timeout=480)
+    logs = "\n".join(p.read_text(errors="replace") for p in job.jobs.rglob("*.out"))
     assert "JobState=COMPLETED" in shown and "ExitCode=0:0" in shown, f"{shown}\n{logs[-6000:]}"
-    check_two_step_run(run_dir)
+    check_two_step_run(job.run_dir)
