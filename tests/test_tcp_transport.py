@@ -342,3 +342,17 @@ def test_qrl_tcp_is_registered_with_vllm() -> None:
     assert BACKENDS["tcp"] == "qrl_tcp"
     cls = WeightTransferEngineFactory._registry["qrl_tcp"]()
     assert cls.__name__ == "TcpWeightTransferEngine"
+
+
+def test_a_backend_mismatch_either_way_names_the_fix() -> None:
+    pytest.importorskip("vllm")
+    from qrl_megatron.rollout.engine import EngineDied
+    from qrl_megatron.rollout.weight_transfer import SharedMemoryWeightTransferEngine, TcpInitInfo
+
+    shm_server = SharedMemoryWeightTransferEngine.__new__(SharedMemoryWeightTransferEngine)
+    transport = make_transport("tcp", _Channel(shm_server), tcp=TcpOptions(timeout_s=2.0))
+    with pytest.raises(RuntimeError, match=r"not started with the qrl_tcp backend; start it with --weight-transfer"):
+        transport.init()
+    with pytest.raises(ValueError, match=r"names no trainer host:port .* set sync\.transport=tcp"):
+        TcpInitInfo(verify_checksums=True)  # what the shm transport sends a qrl_tcp server
+    assert issubclass(tcp.TcpStreamError, EngineDied)  # a broken stream: the trainer reconnects and re-syncs

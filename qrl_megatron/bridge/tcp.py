@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from qrl_megatron.rollout.engine import EngineDied
+
 MAGIC = b"QRLB"
 HELLO_MAGIC = b"QRLH"
 VERSION = 1
@@ -37,8 +39,11 @@ _HELLO = struct.Struct("!4sIII")  # magic, version, worker rank, worker world si
 _CHUNK = 4 << 20  # bytes per send/recv call: a timeout applies per call, so a large bucket never needs a longer one
 
 
-class TcpStreamError(ConnectionError):
-    """The TCP weight stream broke: a peer closed it, went silent past the timeout, or sent an unexpected frame."""
+class TcpStreamError(ConnectionError, EngineDied):
+    """The TCP weight stream broke: a peer closed it, went silent past the timeout, or sent an unexpected frame.
+
+    An :class:`~qrl_megatron.rollout.engine.EngineDied` too: the trainer handles it as a lost engine (reconnect --
+    a new stream -- re-sync, retry the step) rather than as a bug."""
 
 
 def peer_name(sock: socket.socket) -> str:

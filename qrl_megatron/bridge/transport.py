@@ -545,8 +545,13 @@ class TcpTransport(SharedMemoryTransport):
             future = pool.submit(self.channel.call, "init_weight_transfer_engine", info)
             self.streams = self._accept(listener, future)
             future.result()
-        except BaseException:
+        except BaseException as e:
             self.close()
+            if "Invalid init_info" in str(e):  # the engine runs another backend and cannot parse ours
+                raise RuntimeError(
+                    "qrl_tcp: the engine was not started with the qrl_tcp backend; start it with "
+                    f'--weight-transfer-config \'{{"backend": "qrl_tcp"}}\' ({e})'
+                ) from e
             raise
         finally:
             listener.close()

@@ -355,6 +355,13 @@ def _engine_classes() -> dict[str, type]:
         """connect / receive timeout (``sync.tcp_timeout_s``)"""
         verify_checksums: bool = True
 
+        def __post_init__(self) -> None:
+            if not self.host or not self.port:
+                raise ValueError(
+                    "qrl_tcp: the init info names no trainer host:port -- the trainer uses another transport than "
+                    "this server's qrl_tcp backend; set sync.transport=tcp"
+                )
+
     @dataclass
     class TcpUpdateInfo(WeightTransferUpdateInfo):
         seq: int = 0
