@@ -8,7 +8,8 @@ once per bucket depends on the members:
 * all :class:`~qrl_megatron.bridge.transport.SharedMemoryTransport` (``shm``): the safetensors file is written once
   and its path announced to every engine (one write, N reads on the engines' side);
 * any other transport (``tcp``, ``cuda_ipc``, ``nccl``): each member's ``update`` with the same tensors -- the
-  bucket's bytes go down each engine's own connection, which is the network copy a fan-out cannot avoid.
+  bucket's bytes go down each engine's own connection, which is the network copy a fan-out cannot avoid (for
+  ``tcp`` the bucket is copied to host memory once, for all of them).
 
 A member whose engine died (:class:`~qrl_megatron.rollout.engine.EngineDied`) is reported to ``on_death`` after the
 other members' calls have finished (never while one still runs); that callback decides whether the sync goes on
@@ -27,7 +28,12 @@ from typing import Any
 
 import torch
 
-from qrl_megatron.bridge.transport import SharedMemoryTransport, raise_verification_error, write_bucket
+from qrl_megatron.bridge.transport import (
+    SharedMemoryTransport,
+    TcpTransport,
+    raise_verification_error,
+    write_bucket,
+)
 from qrl_megatron.rollout.engine import EngineDied
 
 __all__ = ["FanOutTransport", "concurrently"]
@@ -119,6 +125,9 @@ class FanOutTransport:
                 info = {"path": path, "checksums": dict(sums)}
                 self.each(lambda i, m: counted(i, lambda: _announce(m, info)))
         else:
+            if any(isinstance(m, TcpTransport) for m in self.members):
+                # TCP sends host bytes: one device-to-host copy for every engine (each member's copy is then a no-op)
+                tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
             self.each(lambda i, m: counted(i, lambda: m.update(tensors, sums)))
 
     def finish(self) -> None:
