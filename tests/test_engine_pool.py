@@ -74,6 +74,17 @@ def test_bad_data_parallel_settings_are_one_error_naming_the_key(overrides, part
     assert all(p in str(info.value) for p in parts) and "\n" not in str(info.value), str(info.value)
 
 
+@pytest.mark.unit
+def test_colocated_engines_on_a_gpu_are_refused_with_the_fix():
+    from qrl_megatron.config_fields import ConfigError
+    from qrl_megatron.rollout.config import RolloutConfig
+
+    with pytest.raises(ConfigError, match=r"rollout.engines=2 colocated .* rollout.engine=server"):
+        RolloutConfig(engines=2).check_device(cuda=True)
+    RolloutConfig(engines=2).check_device(cuda=False)  # CPU: every engine in host memory
+    RolloutConfig(engine="server", engines=2).check_device(cuda=True)
+
+
 # -- the fan-out transport ----------------------------------------------------------------------------------------
 
 

@@ -114,6 +114,12 @@ class RolloutConfig:
     def check_device(self, cuda: bool, prefix: str = "rollout") -> None:
         """The settings that need a GPU, against this machine (``cuda``: CUDA is available); at the run's start."""
         if cuda:
+            if self.engine == "colocated" and self.engines > 1:
+                raise ConfigError(
+                    f"{prefix}.engines={self.engines} colocated engines would all sit on the learner's GPU (there is "
+                    f"no per-engine GPU assignment); use {prefix}.engine=server with one server per GPU or host "
+                    f"({prefix}.server_urls), or {prefix}.engines=1"
+                )
             return
         if self.sleep_level:
             raise ConfigError(
