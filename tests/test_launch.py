@@ -110,7 +110,7 @@ def test_render_rollout_servers(tmp_path: Path) -> None:
     bash_syntax_ok(text, tmp_path)
     options = sbatch_options(text)
     assert options["nodes"] == "3" and options["gpus-per-node"] == "2"
-    assert "srun --kill-on-bad-exit=1" in text and " serve " in text
+    assert "srun --kill-on-bad-exit=1" in text and '"${SERVE[@]}" "${QRL_SERVE_ARGS[@]}"' in text
     assert "/health" in text and "QRL_READY_TIMEOUT_S" in text and 'mv "$SERVERS_FILE.tmp.$$" "$SERVERS_FILE"' in text
 
 

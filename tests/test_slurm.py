@@ -1,6 +1,8 @@
 """The project's Slurm jobs on a real one-node Slurm cluster (tests/slurm_cluster.py, started once per session):
-slurm/learner.sbatch submitted with `sbatch --wait`, and `qrl-launch slurm` (nemo-run's SlurmExecutor over a
-LocalTunnel) submitting to the same cluster. Both train the tiny model for 2 steps on CPU. The node has no GPUs:
+slurm/learner.sbatch submitted with `sbatch --wait`, `qrl-launch slurm` (nemo-run's SlurmExecutor over a
+LocalTunnel) submitting to the same cluster, and the rollout-server job (slurm/rollout_servers.sbatch: `vllm serve`
+with the qrl_tcp weight-transfer backend) with a learner job that reads its server list and refits it over TCP.
+Each trains the tiny model for 2 steps on CPU. The node has no GPUs:
 jobs ask for none (`--gpus-per-node=0` / `--no-gpus`) and run one learner rank.
 
 When the session's cache already holds the tiny base and its warm-start (the e2e tests before these build them),
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from e2e_utils import REPO
+from e2e_utils import REPO, read_metrics
 from slurm_cluster import PARTITION, SlurmCluster
 from test_qrl_launch import TWO_STEPS, check_two_step_run, qrl_launch
 
@@ -56,6 +58,11 @@ class Submission:
 def job_log(tmp_path: Path, pattern: str) -> str:
     logs = sorted(tmp_path.glob(pattern))
     return "\n".join(p.read_text(errors="replace") for p in logs) if logs else f"(no {pattern} in {tmp_path})"
+
+
+def job_active(cluster: SlurmCluster, job_id: str) -> bool:
+    shown = cluster.run("scontrol", "show", "job", "-o", job_id, check=False).stdout
+    return bool(re.search(r"JobState=(PENDING|RUNNING|CONFIGURING)\b", shown))
 
 
 def wait_for_job(cluster: SlurmCluster, job_id: str, timeout: float) -> str:
@@ -136,3 +143,58 @@ def test_qrl_launch_slurm_submits_through_nemo_run(
     logs = "\n".join(p.read_text(errors="replace") for p in job.jobs.rglob("*.out"))
     assert "JobState=COMPLETED" in shown and "ExitCode=0:0" in shown, f"{shown}\n{logs[-6000:]}"
     check_two_step_run(job.run_dir)
+
+
+def test_rollout_server_job_and_learner_job_train_over_tcp(
+    slurm_cluster: SlurmCluster, tmp_path: Path, run_cache_dir: Path
+) -> None:
+    """Two jobs that find each other: the server job lists its URL in run.dir/rollout_servers.txt once /health
+    answers; the learner job waits for that file (rollout.server_list), streams every step's weights over TCP
+    (sync.transport=tcp) and trains 2 steps; then the server job is cancelled."""
+    warm_start_cached(run_cache_dir)  # builds the tiny base here: both jobs' job_info would build it at once
+    run_dir = tmp_path / "run"
+    servers = run_dir / "rollout_servers.txt"  # the server job's default QRL_SERVERS_FILE
+    overrides = [f"run.dir={run_dir}", f"run.cache_dir={run_cache_dir}", *SLURM_RUN, "sync.transport=tcp"]
+    learner_only = ["rollout.engine=server", f"rollout.server_list={servers}", "rollout.server_wait_s=240"]
+    common = ["--gpus-per-node=0", f"--partition={PARTITION}", "--time=00:10:00", f"--chdir={REPO}"]
+    env = {**slurm_cluster.env, "QRL_PYTHON": sys.executable, "QRL_GPUS_PER_NODE": "1"}
+    serve_env = {**env, "QRL_VLLM_TP": "1", "QRL_VLLM_PORT": str(free_port()), "QRL_HEALTH_POLL_S": "1"}
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", *common, f"--output={tmp_path}/servers-%j.out", "slurm/rollout_servers.sbatch",
+         CONFIG, *overrides],
+        env=serve_env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    server_job = submitted.stdout.strip().split(";")[0]
+    try:
+        learner = subprocess.Popen(
+            ["sbatch", "--wait", *common, f"--output={tmp_path}/learner-%j.out", "slurm/learner.sbatch", CONFIG,
+             *overrides, *learner_only],
+            env={**env, "QRL_MASTER_PORT": str(free_port())}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 600
+        while learner.poll() is None and time.monotonic() < deadline:
+            time.sleep(2)
+            if not job_active(slurm_cluster, server_job):  # the servers failed: the learner would wait in vain
+                slurm_cluster.run("scancel", "--name", "qrl-learner", check=False)
+                break
+        try:
+            out, err = learner.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            slurm_cluster.run("scancel", "--name", "qrl-learner", check=False)
+            out, err = learner.communicate(timeout=60)
+        proc = subprocess.CompletedProcess(learner.args, learner.returncode, out, err)
+        learner_log, server_log = job_log(tmp_path, "learner-*.out"), job_log(tmp_path, "servers-*.out")
+        detail = f"{proc.stdout}{proc.stderr}\n--- learner\n{learner_log[-5000:]}\n--- servers\n{server_log[-3000:]}"
+        assert proc.returncode == 0, detail
+        assert "ready: 1 server(s) listed in" in server_log, detail
+        # served with the TCP backend, refitted at the start and after each step
+        assert "qrl_tcp" in server_log and server_log.count('"POST /update_weights HTTP/1.1" 200') >= 3, detail
+        assert f"rollout servers from {servers}: http://localhost:{serve_env['QRL_VLLM_PORT']}" in learner_log, detail
+        check_two_step_run(run_dir)
+        rows = read_metrics(run_dir)
+        assert rows[0]["sync_bytes"] == rows[1]["sync_bytes"] > 0
+    finally:
+        slurm_cluster.run("scancel", server_job, check=False)
+    shown = wait_for_job(slurm_cluster, server_job, timeout=60)
+    assert "JobState=CANCELLED" in shown, shown
+    assert not servers.exists()  # the server job removes its list when it ends
