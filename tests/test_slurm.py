@@ -1,13 +1,13 @@
 """The project's Slurm jobs on a real one-node Slurm cluster (tests/slurm_cluster.py, started once per session):
-slurm/learner.sbatch submitted with `sbatch --wait`, `qrl-launch slurm` (nemo-run's SlurmExecutor over a
-LocalTunnel) submitting to the same cluster, and the rollout-server job (slurm/rollout_servers.sbatch: `vllm serve`
-with the qrl_tcp weight-transfer backend) with a learner job that reads its server list and refits it over TCP.
-Each trains the tiny model for 2 steps on CPU. The node has no GPUs:
-jobs ask for none (`--gpus-per-node=0` / `--no-gpus`) and run one learner rank.
+the rollout-server job (slurm/rollout_servers.sbatch: `vllm serve` with the qrl_tcp weight-transfer backend) and
+slurm/learner.sbatch (`sbatch --wait`) reading its server list and refitting it over TCP; and `qrl-launch slurm`
+(nemo-run's SlurmExecutor over a LocalTunnel; a colocated engine) submitting to the same cluster. Each trains the
+tiny model for 2 steps on CPU. The node has no GPUs: jobs ask for none (`--gpus-per-node=0` / `--no-gpus`) and run
+one learner rank.
 
 When the session's cache already holds the tiny base and its warm-start (the e2e tests before these build them),
-the nemo-run job is submitted first and runs while the sbatch job does (the cluster runs both at once); otherwise
-the two would build them into the same folder at the same time, so it is submitted after."""
+the nemo-run job is submitted first and runs while the sbatch jobs do (the cluster runs them at once); otherwise
+they would build it into the same folder at the same time, so it is submitted after."""
 
 from __future__ import annotations
 
@@ -108,50 +108,16 @@ def nemo_run_job(
     return submit
 
 
-def test_sbatch_learner_trains_on_slurm(
+def test_sbatch_learner_and_rollout_server_jobs_train_over_tcp(
     slurm_cluster: SlurmCluster, nemo_run_job: Callable[[], Submission], tmp_path: Path, run_cache_dir: Path
-) -> None:
-    if warm_start_cached(run_cache_dir):
-        nemo_run_job()  # runs alongside this one (module docstring)
-    run_dir = tmp_path / "run"
-    env = {
-        **slurm_cluster.env,
-        "QRL_PYTHON": sys.executable,
-        "QRL_GPUS_PER_NODE": "1",  # one CPU rank: the node has no GPUs to count
-        "QRL_MASTER_PORT": str(free_port()),
-    }
-    command = [
-        "sbatch", "--wait", "--gpus-per-node=0", f"--partition={PARTITION}", "--time=00:10:00",
-        f"--chdir={REPO}", f"--output={tmp_path}/learner-%j.out",
-        "slurm/learner.sbatch", CONFIG, f"run.dir={run_dir}", f"run.cache_dir={run_cache_dir}", *SLURM_RUN,
-    ]  # fmt: skip
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    log = job_log(tmp_path, "learner-*.out")
-    assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{log[-6000:]}\n{slurm_cluster.logs()}"
-    assert re.search(r"Submitted batch job \d+", proc.stdout)
-    assert "on 1 node(s) x 1 GPU(s) = 1 ranks" in log and "torchrun exited with code 0" in log
-    check_two_step_run(run_dir)
-
-
-def test_qrl_launch_slurm_submits_through_nemo_run(
-    slurm_cluster: SlurmCluster, nemo_run_job: Callable[[], Submission]
-) -> None:
-    job = nemo_run_job()
-    script = next(job.jobs.rglob("*_sbatch.sh"))  # what nemo-run submitted
-    assert "#SBATCH --gpus-per-node" not in script.read_text()
-    shown = wait_for_job(slurm_cluster, job.job_id, timeout=480)
-    logs = "\n".join(p.read_text(errors="replace") for p in job.jobs.rglob("*.out"))
-    assert "JobState=COMPLETED" in shown and "ExitCode=0:0" in shown, f"{shown}\n{logs[-6000:]}"
-    check_two_step_run(job.run_dir)
-
-
-def test_rollout_server_job_and_learner_job_train_over_tcp(
-    slurm_cluster: SlurmCluster, tmp_path: Path, run_cache_dir: Path
 ) -> None:
     """Two jobs that find each other: the server job lists its URL in run.dir/rollout_servers.txt once /health
     answers; the learner job waits for that file (rollout.server_list), streams every step's weights over TCP
     (sync.transport=tcp) and trains 2 steps; then the server job is cancelled."""
-    warm_start_cached(run_cache_dir)  # builds the tiny base here: both jobs' job_info would build it at once
+    # builds the tiny base here (both jobs' job_info would build it at once); with a warm cache the nemo-run job
+    # runs alongside (module docstring)
+    if warm_start_cached(run_cache_dir):
+        nemo_run_job()
     run_dir = tmp_path / "run"
     servers = run_dir / "rollout_servers.txt"  # the server job's default QRL_SERVERS_FILE
     overrides = [f"run.dir={run_dir}", f"run.cache_dir={run_cache_dir}", *SLURM_RUN, "sync.transport=tcp"]
@@ -167,7 +133,8 @@ def test_rollout_server_job_and_learner_job_train_over_tcp(
     server_job = submitted.stdout.strip().split(";")[0]
     try:
         learner = subprocess.Popen(
-            ["sbatch", "--wait", *common, f"--output={tmp_path}/learner-%j.out", "slurm/learner.sbatch", CONFIG,
+            ["sbatch", "--wait", *common, "--job-name=qrl-learner-tcp", f"--output={tmp_path}/learner-%j.out",
+             "slurm/learner.sbatch", CONFIG,
              *overrides, *learner_only],
             env={**env, "QRL_MASTER_PORT": str(free_port())}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -175,17 +142,20 @@ def test_rollout_server_job_and_learner_job_train_over_tcp(
         while learner.poll() is None and time.monotonic() < deadline:
             time.sleep(2)
             if not job_active(slurm_cluster, server_job):  # the servers failed: the learner would wait in vain
-                slurm_cluster.run("scancel", "--name", "qrl-learner", check=False)
+                slurm_cluster.run("scancel", "--name", "qrl-learner-tcp", check=False)
                 break
         try:
             out, err = learner.communicate(timeout=60)
         except subprocess.TimeoutExpired:
-            slurm_cluster.run("scancel", "--name", "qrl-learner", check=False)
+            slurm_cluster.run("scancel", "--name", "qrl-learner-tcp", check=False)
             out, err = learner.communicate(timeout=60)
         proc = subprocess.CompletedProcess(learner.args, learner.returncode, out, err)
         learner_log, server_log = job_log(tmp_path, "learner-*.out"), job_log(tmp_path, "servers-*.out")
         detail = f"{proc.stdout}{proc.stderr}\n--- learner\n{learner_log[-5000:]}\n--- servers\n{server_log[-3000:]}"
         assert proc.returncode == 0, detail
+        assert "on 1 node(s) x 1 GPU(s) = 1 ranks" in learner_log and "torchrun exited with code 0" in learner_log, (
+            detail
+        )
         assert "ready: 1 server(s) listed in" in server_log, detail
         # served with the TCP backend, refitted at the start and after each step
         assert "qrl_tcp" in server_log and server_log.count('"POST /update_weights HTTP/1.1" 200') >= 3, detail
@@ -198,3 +168,15 @@ def test_rollout_server_job_and_learner_job_train_over_tcp(
     shown = wait_for_job(slurm_cluster, server_job, timeout=60)
     assert "JobState=CANCELLED" in shown, shown
     assert not servers.exists()  # the server job removes its list when it ends
+
+
+def test_qrl_launch_slurm_submits_through_nemo_run(
+    slurm_cluster: SlurmCluster, nemo_run_job: Callable[[], Submission]
+) -> None:
+    job = nemo_run_job()
+    script = next(job.jobs.rglob("*_sbatch.sh"))  # what nemo-run submitted
+    assert "#SBATCH --gpus-per-node" not in script.read_text()
+    shown = wait_for_job(slurm_cluster, job.job_id, timeout=480)
+    logs = "\n".join(p.read_text(errors="replace") for p in job.jobs.rglob("*.out"))
+    assert "JobState=COMPLETED" in shown and "ExitCode=0:0" in shown, f"{shown}\n{logs[-6000:]}"
+    check_two_step_run(job.run_dir)
