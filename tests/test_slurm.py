@@ -126,17 +126,17 @@ def test_sbatch_learner_and_rollout_server_jobs_train_over_tcp(
     env = {**slurm_cluster.env, "QRL_PYTHON": sys.executable, "QRL_GPUS_PER_NODE": "1"}
     serve_env = {**env, "QRL_VLLM_TP": "1", "QRL_VLLM_PORT": str(free_port()), "QRL_HEALTH_POLL_S": "1"}
     submitted = subprocess.run(
-        ["sbatch", "--parsable", *common, f"--output={tmp_path}/servers-%j.out", "slurm/rollout_servers.sbatch",
-         CONFIG, *overrides],
-        env=serve_env, capture_output=True, text=True, timeout=60, check=True,
+        ["sbatch", "--parsable", *common, f"--output={tmp_path}/servers-%j.out",
+         str(REPO / "slurm" / "rollout_servers.sbatch"), CONFIG, *overrides],
+        cwd=REPO, env=serve_env, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     server_job = submitted.stdout.strip().split(";")[0]
     try:
         learner = subprocess.Popen(
             ["sbatch", "--wait", *common, "--job-name=qrl-learner-tcp", f"--output={tmp_path}/learner-%j.out",
-             "slurm/learner.sbatch", CONFIG,
-             *overrides, *learner_only],
-            env={**env, "QRL_MASTER_PORT": str(free_port())}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+             str(REPO / "slurm" / "learner.sbatch"), CONFIG, *overrides, *learner_only],
+            cwd=REPO, env={**env, "QRL_MASTER_PORT": str(free_port())}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         deadline = time.monotonic() + 600
         while learner.poll() is None and time.monotonic() < deadline:
