@@ -77,9 +77,10 @@ def tiny_engine(_tiny_engine_session, tiny_model_dir: Path):
     return _tiny_engine_session
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm_cluster():
-    """A real one-node Slurm cluster (tests/slurm_cluster.py) for the session: skipped, naming what is missing,
+    """A real one-node Slurm cluster (tests/slurm_cluster.py) per test module (started in ~1 s, stopped when the
+    module's tests are done, so no daemon outlives them): skipped, naming what is missing,
     where Slurm cannot start (no packages, not root); a cluster that should start but does not is an error."""
     from slurm_cluster import missing_piece, start_cluster
 

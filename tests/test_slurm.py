@@ -1,4 +1,4 @@
-"""The project's Slurm jobs on a real one-node Slurm cluster (tests/slurm_cluster.py, started once per session):
+"""The project's Slurm jobs on a real one-node Slurm cluster (tests/slurm_cluster.py, started for the module):
 the rollout-server job (slurm/rollout_servers.sbatch: `vllm serve` with the qrl_tcp weight-transfer backend) and
 slurm/learner.sbatch (`sbatch --wait`) reading its server list and refitting it over TCP; and `qrl-launch slurm`
 (nemo-run's SlurmExecutor over a LocalTunnel; a colocated engine) submitting to the same cluster. Each trains the
