@@ -34,10 +34,10 @@ See docs/memory.md for how to read the table and each rule.
 from __future__ import annotations
 
 import argparse
-import warnings
 import json
 import math
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
