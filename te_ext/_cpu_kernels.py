@@ -5,8 +5,8 @@ table key, a table gather, a pair pack) plus ~10 small ops per tile for the bloc
 one core, 0.7 GB/s for a 4096x11008 bf16 weight on the 2-core CI machine, 5% of its copy bandwidth. These kernels
 do the same arithmetic per element in one pass over a cache-resident chunk of a row -- bf16/fp32 bits -> float32,
 the block scale (``gs * (amax / 6)``, e4m3 round-to-nearest-even, the 0.125 replacement of a zero scale) and its
-multiplier, ``y = x / m`` (or ``x * m``), the 12-bit round-to-odd key into the same ``_e2m1`` table, the nibble
-pack -- in IEEE float32 (numba keeps float32 op float32 in float32 and never contracts or reorders without
+multiplier, ``y = x / m`` (or ``x * m``), the E2M1 code by counting the round-to-nearest-even thresholds |y|
+passes (the same codes as ``_e2m1``'s table and min-of-rounds), the nibble pack -- in IEEE float32 (numba keeps float32 op float32 in float32 and never contracts or reorders without
 ``fastmath``; ``error_model="numpy"`` only drops Python's ZeroDivisionError check). So the result is bit for bit
 the torch path's: tests/test_te_ext.py checks the two against each other and against the straightforward
 reference on hard inputs, and the e4m3 rounding was checked on every float32 in [0, 448] when written.
@@ -121,20 +121,18 @@ def nvfp4_encoder(
 
     ``divide``: compressed-tensors arithmetic (``y = x / (s / gs)``), else vLLM's (``y = x * (1 / (s / gs))``);
     ``inv_gs`` is vLLM's ``get_reciprocal(gs)`` as torch computes it."""
-    from te_ext._e2m1 import _RNE_TABLE
-
     ks = kernels()
     xb, sh = _bits(x2)
     rows, groups = amax_b.shape
     mult = np.empty((rows, groups), np.float32)
-    ab, sb, pb, table = amax_b.numpy(), s8.view(torch.uint8).numpy(), packed.numpy(), _RNE_TABLE.numpy()
+    ab, sb, pb = amax_b.numpy(), s8.view(torch.uint8).numpy(), packed.numpy()
     e4m3 = _e4m3_values()
     scales, encode = ks["nvfp4_scales"], ks["encode"]
 
     def run(t: Tile) -> None:
         (rs, cs), g0, g1 = t, t[1].start // 16, t[1].stop // 16
         scales(ab, gs, inv_gs, divide, e4m3, sb, mult, rs.start, rs.stop, g0, g1)
-        encode(xb, mult, table, pb, sh, divide, rs.start, rs.stop, cs.start, cs.stop)
+        encode(xb, mult, pb, sh, divide, rs.start, rs.stop, cs.start, cs.stop)
 
     return run
 

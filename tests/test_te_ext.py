@@ -366,6 +366,33 @@ def test_nvfp4_compiled_e4m3_rounding_matches_torch():
     assert_bits_equal(got, want, "e4m3 block-scale bytes")
 
 
+@needs_numba
+@pytest.mark.unit
+def test_nvfp4_compiled_e2m1_codes_match_torch_at_every_threshold():
+    """The compiled E2M1 code (threshold counting) against ``_e2m1.encode`` (min of rounds) on every rounding
+    threshold, the grid values, signed zeros and subnormals with their float32 neighbours, and a dense sample of
+    float32 bit patterns in [-6.5, 6.5] (x * 1.0 through the kernel is x exactly)."""
+    import numpy as np
+
+    from te_ext import _cpu_kernels
+    from te_ext._e2m1 import encode
+
+    ks = _cpu_kernels.kernels()
+    edges = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 1e-40, 1e-45])
+    near = (edges.view(torch.int32)[:, None] + torch.arange(-2, 3, dtype=torch.int32)).flatten().view(torch.float32)
+    near = near[torch.isfinite(near) & (near >= 0)]
+    sample = torch.arange(0, 2**32, 4099, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    sample = sample[torch.isfinite(sample) & (sample.abs() <= 6.5)]
+    y = torch.cat([near, -near, sample])
+    y = torch.cat([y, torch.zeros((-len(y)) % 32)]).reshape(-1, 32).contiguous()
+    codes = encode(y.clamp(-6, 6).flatten().clone())
+    want = (codes[0::2] | (codes[1::2] << 4)).to(torch.uint8).reshape(y.shape[0], 16)
+    got = torch.empty_like(want)
+    mult = np.ones((y.shape[0], 2), np.float32)
+    ks["encode"](y.view(torch.int32).numpy().view("uint32"), mult, got.numpy(), 0, False, 0, y.shape[0], 0, 32)
+    assert_bits_equal(got, want, "E2M1 codes, compiled vs _e2m1.encode")
+
+
 # ------------------------------------------------------------------------------------------------ NVFP4
 # (2, 40960): rows longer than a te_ext tile, so each row is split into column tiles
 NVFP4_SHAPES = [(1, 16), (16, 16), (33, 48), (64, 256), (128, 1024), (7, 3, 64), (2, 40960)]
