@@ -125,10 +125,14 @@ class FanOutTransport:
                 info = {"path": path, "checksums": dict(sums)}
                 self.each(lambda i, m: counted(i, lambda: _announce(m, info)))
         else:
-            if any(isinstance(m, TcpTransport) for m in self.members):
-                # TCP sends host bytes: one device-to-host copy for every engine (each member's copy is then a no-op)
-                tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+            tensors = self._host_once(tensors)
             self.each(lambda i, m: counted(i, lambda: m.update(tensors, sums)))
+
+    def _host_once(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        if any(isinstance(m, TcpTransport) for m in self.members):
+            # TCP sends host bytes: one device-to-host copy for every engine (each member's copy is then a no-op)
+            return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        return tensors
 
     def finish(self) -> None:
         self.each(lambda i, m: m.finish())
@@ -148,11 +152,14 @@ class FanOutTransport:
     def update_adapter(
         self, tensors: Mapping[str, torch.Tensor], sums: Mapping[str, str], adapter_info: Mapping[str, Any]
     ) -> list[Any]:
-        # QeRL adapter buckets are small (the LoRA factors): each member writes its own
+        # QeRL adapter buckets are small (the LoRA factors): each member writes its own file, or sends it down its
+        # own TCP stream (every engine gets the adapter)
+        tensors = self._host_once(tensors)
         results = self.each(lambda i, m: m.update_adapter(tensors, sums, adapter_info))
         return next((r for i, r in enumerate(results) if i in self.active), [])
 
     def update_norms(self, tensors: Mapping[str, torch.Tensor], sums: Mapping[str, str]) -> list[Any]:
+        tensors = self._host_once(tensors)
         results = self.each(lambda i, m: m.update_norms(tensors, sums))
         return next((r for i, r in enumerate(results) if i in self.active), [])
 

@@ -34,7 +34,9 @@ the device (``wsum:``, :func:`qrl_megatron.bridge.checksum.word_checksum`) never
 QeRL mode (LoRA on a frozen base) sends only the adapter: :meth:`SharedMemoryTransport.update_adapter` and
 :meth:`~SharedMemoryTransport.update_norms` write one checksummed bucket each, like :meth:`~SharedMemoryTransport.update`,
 and call the worker-extension methods ``qrl_load_adapter`` / ``qrl_set_norms``
-(:mod:`qrl_megatron.rollout.lora_swap`) through :meth:`WeightChannel.rpc`. A refused update comes back as
+(:mod:`qrl_megatron.rollout.lora_swap`) through :meth:`WeightChannel.rpc`; :class:`TcpTransport` sends the same
+bucket on its stream instead of as a file (the worker takes it from wherever the transport put it:
+:func:`qrl_megatron.rollout.weight_transfer.receive_bucket`). A refused update comes back as
 :class:`WeightVerificationError` (checksums) or :class:`AdapterUpdateError` (anything else); the engine then keeps
 serving its previous adapter.
 """
@@ -510,8 +512,8 @@ class TcpTransport(SharedMemoryTransport):
     connection from each of its ``engine_world_size`` workers; each ``update`` sends the bucket's metadata and
     checksums in the ``update_weights`` call and, concurrently, its bytes to every worker (each holds the whole
     bucket, verifies it, then loads it in the layerwise reload). A broken stream (a worker gone, a timeout) is
-    re-opened by the next ``start``. Adapter and norm updates (QeRL mode) stay on the shared-memory files of
-    :class:`SharedMemoryTransport` (a server on this host only).
+    re-opened by the next ``start``. Adapter and norm updates (QeRL mode) travel on the same stream, framed and
+    checksummed like a weight bucket (:meth:`_bucket_to_worker`), so a QeRL server may be on any host too.
     """
 
     backend = "qrl_tcp"
@@ -598,18 +600,36 @@ class TcpTransport(SharedMemoryTransport):
         super().start()
 
     def update(self, tensors: Mapping[str, torch.Tensor], sums: Mapping[str, str]) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         from qrl_megatron.bridge import tcp
 
         if not self.streams:
             raise tcp.TcpStreamError("qrl_tcp: no stream to the engine's workers (init() first, or start() again)")
+        self._stream(tensors, lambda info: self.channel.call("update_weights", info), sums)
+
+    def _bucket_to_worker(
+        self, method: str, tensors: Mapping[str, torch.Tensor], sums: Mapping[str, str], info: Mapping[str, Any]
+    ) -> list[Any]:
+        """QeRL's adapter / norm bucket on the same stream as the weights: its metadata under ``stream`` in the
+        worker-extension call, its bytes to every worker meanwhile (the worker reads it from its connection:
+        :func:`qrl_megatron.rollout.weight_transfer.receive_bucket`)."""
+        if not self.streams:  # broken by the previous update (or never opened): a new stream first
+            self.init(self.verify_checksums)
+        reports = self._stream(tensors, lambda stream: self.call_worker(method, {**info, "stream": stream}), sums)
+        self.channel.reset_prefix_cache()  # cached prefixes hold KV computed with the old adapter / norms
+        return list(reports)
+
+    def _stream(self, tensors: Mapping[str, torch.Tensor], call: Any, sums: Mapping[str, str]) -> Any:
+        """``call(update_info)`` (the control channel) while the bucket's bytes go to every worker; its result."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from qrl_megatron.bridge import tcp
+
         host = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}  # one host copy for all
         seq = self.seq
         self.seq += 1
         pool = ThreadPoolExecutor(max_workers=1 + len(self.streams))
         try:
-            future = pool.submit(self.channel.call, "update_weights", tcp_update_info(seq, host, sums))
+            future = pool.submit(call, tcp_update_info(seq, host, sums))
             sends = [pool.submit(tcp.send_bucket, sock, seq, host) for sock in self.streams]
             try:
                 sizes = [s.result() for s in sends]
@@ -618,7 +638,7 @@ class TcpTransport(SharedMemoryTransport):
                     future.result()  # the worker's own report (it closed the stream) says more than ours
                 raise
             self.sent_bytes += sizes[0] if sizes else 0
-            future.result()
+            return future.result()
         except Exception as e:
             try:
                 raise_verification_error(e)  # a refused bucket was read whole: the stream is still in step

@@ -1,7 +1,8 @@
 """QeRL's adapter-only sync, engine side: swap the LoRA adapter a vLLM worker serves, in memory, atomically.
 
 Each step the learner sends only the adapter (PEFT names, :mod:`qrl_megatron.lora.adapter`) as one checksummed
-safetensors bucket in ``/dev/shm`` (:meth:`qrl_megatron.bridge.transport.SharedMemoryTransport.update_adapter`).
+bucket: a safetensors file in ``/dev/shm`` (:meth:`qrl_megatron.bridge.transport.SharedMemoryTransport.update_adapter`)
+or, with ``sync.transport=tcp``, the same framing as a weight bucket on the worker's TCP stream.
 The worker (:meth:`~qrl_megatron.rollout.worker_extension.QRLWorkerExtension.qrl_load_adapter` ->
 :func:`load_adapter`):
 
@@ -200,11 +201,12 @@ def _install(worker: Any, tensors: dict[str, torch.Tensor], state: _AdapterState
 
 def load_adapter(worker: Any, info: Mapping[str, Any]) -> dict[str, Any]:
     """``qrl_load_adapter``: verify, validate and swap in the adapter bucket described by ``info``
-    (:func:`adapter_info` plus ``path`` and ``checksums``). Keeps the pristine tensors on ``worker`` for
+    (:func:`adapter_info` plus where the bucket is: ``path`` and ``checksums`` of a ``/dev/shm`` file, or
+    ``stream`` on the ``qrl_tcp`` connection; :func:`~qrl_megatron.rollout.weight_transfer.receive_bucket`). Keeps the pristine tensors on ``worker`` for
     :func:`reinstall_adapter`."""
-    from qrl_megatron.bridge.transport import read_bucket  # (transport imports this module)
+    from qrl_megatron.rollout.weight_transfer import receive_bucket
 
-    tensors = read_bucket(str(info["path"]), info["checksums"])
+    tensors = receive_bucket(worker, info)  # first: a refused update must still consume its bytes on a stream
     try:
         adapter = AdapterSpec(rank=int(info["rank"]), alpha=float(info["alpha"]), targets=tuple(info["targets"]))
         state = _AdapterState(tensors, adapter, int(info["lora_id"]))
@@ -239,9 +241,9 @@ def set_norms(worker: Any, info: Mapping[str, Any]) -> dict[str, Any]:
     """
     from vllm.model_executor.layers.layernorm import RMSNorm
 
-    from qrl_megatron.bridge.transport import read_bucket
+    from qrl_megatron.rollout.weight_transfer import receive_bucket
 
-    tensors = read_bucket(str(info["path"]), info["checksums"])
+    tensors = receive_bucket(worker, info)
     model = worker.model_runner.get_model()
     norms = {name: m for name, m in model.named_modules() if isinstance(m, RMSNorm) and m.has_weight}
     problems: list[str] = []

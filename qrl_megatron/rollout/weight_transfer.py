@@ -24,7 +24,8 @@ to finish like ``qrl_shm`` (the reload-warning filter, the tied lm_head refresh)
 
 For a server on any host without a GPU path (CPU, or a network NCCL cannot use) ``qrl_tcp`` (a subclass of
 ``qrl_shm``: the same reload) connects each worker to the trainer at ``init_weight_transfer_engine`` and reads every
-bucket's bytes from that stream (wire format and who listens: :mod:`qrl_megatron.bridge.tcp`).
+bucket's bytes from that stream (wire format and who listens: :mod:`qrl_megatron.bridge.tcp`); QeRL's adapter and
+norm buckets too (:func:`receive_bucket`: the worker-extension methods take their bucket from a file or the stream).
 
 All of them receive a whole bucket (bounded by ``sync.bucket_mib``), verify it (the device-side checksum of
 :mod:`qrl_megatron.bridge.checksum`, no host copy) and only then hand it to the model's ``load_weights`` inside the
@@ -35,6 +36,7 @@ the sender waiting in a broadcast the worker has stopped receiving.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -395,7 +397,9 @@ def _engine_classes() -> dict[str, type]:
             self.stream = tcp.connect(init_info.host, int(init_info.port), float(init_info.timeout_s))
             tcp.send_hello(self.stream, rank, world)
 
-        def receive_weights(self, update_info: Any) -> None:
+        def receive_bucket(self, update_info: Any) -> dict[str, Any]:
+            """Bucket ``update_info.seq`` read whole from the stream, then verified against its checksums: a
+            weight bucket (``receive_weights``) or QeRL's adapter / norms (:func:`receive_bucket`)."""
             from qrl_megatron.bridge import tcp
             from qrl_megatron.bridge.checksum import compare_checksums
 
@@ -413,6 +417,10 @@ def _engine_classes() -> dict[str, type]:
             # the whole bucket has been read, so a refused one leaves the stream in step for the next
             if self.verify_checksums and update_info.checksums:
                 compare_checksums(update_info.checksums, tensors)
+            return tensors
+
+        def receive_weights(self, update_info: Any) -> None:
+            tensors = self.receive_bucket(update_info)
             self.model.load_weights(iter(tensors.items()))  # type: ignore[operator]
             for name, t in tensors.items():
                 self.received[name] = t.numel()
@@ -429,6 +437,26 @@ def _engine_classes() -> dict[str, type]:
         "TcpUpdateInfo": TcpUpdateInfo,
         "TcpWeightTransferEngine": TcpWeightTransferEngine,
     }
+
+
+def receive_bucket(worker: Any, info: Mapping[str, Any]) -> dict[str, Any]:
+    """The verified bucket of a worker-extension update (QeRL's ``qrl_load_adapter`` / ``qrl_set_norms``), from
+    wherever the trainer's transport put it: a ``/dev/shm`` file (``path``; every transport but tcp) or this
+    worker's ``qrl_tcp`` stream (``stream``: the bucket's sequence number and metadata, as ``update_weights``
+    gets them). Read whole before anything is checked, so a refused update leaves the stream in step.
+    ``WeightVerificationError`` naming every altered tensor."""
+    from qrl_megatron.bridge.transport import read_bucket
+
+    if "stream" not in info:
+        return read_bucket(str(info["path"]), info["checksums"])
+    engine = getattr(worker, "weight_transfer_engine", None)
+    if not callable(getattr(engine, "receive_bucket", None)):
+        raise RuntimeError(
+            f"qrl_tcp: the update streams over TCP but this engine's weight-transfer backend is "
+            f'{type(engine).__name__}; start it with --weight-transfer-config \'{{"backend": "qrl_tcp"}}\''
+        )
+    assert engine is not None
+    return dict(engine.receive_bucket(engine.parse_update_info(dict(info["stream"]))))
 
 
 def _worker_rank() -> tuple[int, int]:
