@@ -171,3 +171,51 @@ def test_the_rollout_server_job_serves_the_rollout_format_with_the_tcp_backend(t
     assert job_info.WORKER_EXTENSION in args and "processed_logprobs" in args
     bf16 = load_checked_config("configs/tiny_cpu.yaml", [f"run.cache_dir={tmp_path}"])
     assert job_info.serve_model_dir(bf16, base) == base
+
+
+def test_the_rollout_server_job_in_qerl_mode_serves_the_learners_frozen_base_with_its_lora_slot(
+    tmp_path: Path,
+) -> None:
+    """learner.lora.rank > 0: the job serves the base exported as the learner exports its frozen base (no plan),
+    the LoRA flags of a server the learner starts itself and a zero start-up adapter; vLLM's parser takes them;
+    with a warm-start the learner has not trained yet, the wait ends in one line naming the fix."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from launch import job_info
+    from launch.common import load_checked_config
+    from qrl_megatron.models.base import prepare_base_model
+
+    overrides = [
+        "learner.lora.rank=8",
+        f"run.dir={tmp_path / 'run'}",
+        f"run.cache_dir={tmp_path}",
+    ]
+    cfg = load_checked_config("configs/tiny_cpu_qerl.yaml", [*overrides, "warmstart.enabled=false"])
+    base = Path(prepare_base_model(cfg.model, cfg.run.cache_dir)).resolve()
+    assert job_info.serve_policy_dir(cfg, base) == base
+    served = job_info.serve_model_dir(cfg, base)
+    assert served == (tmp_path / "run" / "rollout_servers" / "rollout_model_nvfp4").resolve()
+    quant = json.dumps(json.loads((served / "config.json").read_text())["quantization_config"])
+    assert "lm_head" in quant and "down_proj" not in quant  # no plan: every linear but lm_head quantized
+    adapter = job_info.initial_adapter_dir(cfg, base)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert weights and all(not t.any() for t in weights.values())  # B = 0 (and A): the base itself
+    args = job_info.vllm_serve_args(cfg, served, adapter)
+    assert args[args.index("--max-lora-rank") + 1] == "8" and "--enable-lora" in args
+    assert json.loads(args[args.index("--lora-modules") + 1]) == {"name": "qrl-policy", "path": str(adapter)}
+    assert json.loads(args[args.index("--weight-transfer-config") + 1]) == {"backend": "qrl_tcp"}
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    model, *rest = args
+    ns = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", model, *rest])
+    assert ns.enable_lora and ns.max_loras == 1 and ns.lora_modules[0].path == str(adapter)
+
+    warm = load_checked_config("configs/tiny_cpu_qerl.yaml", overrides)
+    with pytest.raises(
+        ValueError, match=r"warm-started policy, and .* is not complete after 0\.2 s.*QRL_READY_TIMEOUT_S"
+    ):
+        job_info.serve_policy_dir(warm, base, wait_s=0.2)

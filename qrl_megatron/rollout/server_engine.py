@@ -119,6 +119,17 @@ def engine_flags(cfg: RolloutConfig, weight_backend: str) -> list[str]:
     return flags
 
 
+def lora_flags(adapter: LoRAServing) -> list[str]:
+    """The `vllm serve` flags that serve ``adapter`` (QeRL mode) as the colocated engine does (``lora_engine_args``)
+    with its start-up folder as the one ``--lora-modules`` entry (LoRA id 1): for a server started here and for the
+    rollout-server job (launch/job_info.py)."""
+    flags: list[str] = []
+    for key, value in lora_engine_args(adapter).items():
+        flag = "--" + key.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags + ["--lora-modules", json.dumps({"name": adapter.name, "path": adapter.adapter_dir})]
+
+
 def _log_tail(path: str, lines: int = 40) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -243,11 +254,7 @@ class VLLMServerEngine(TransportWeights):
             *engine_flags(cfg, self.weight_backend),
         ]  # fmt: skip
         if self.adapter is not None:
-            for key, value in lora_engine_args(self.adapter).items():
-                flag = "--" + key.replace("_", "-")
-                command += [flag] if value is True else [flag, str(value)]
-            module = {"name": self.adapter.name, "path": self.adapter.adapter_dir}
-            command += ["--lora-modules", json.dumps(module)]
+            command += lora_flags(self.adapter)
         command += list(extra_args)
         # the server is a process tree of its own: never part of the learner's torchrun world
         env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
