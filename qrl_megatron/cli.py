@@ -76,7 +76,10 @@ def _prepare_run_dir(run: RunConfig, trainer: TrainerConfig) -> None:
         raise ConfigError(
             f"trainer.resume={trainer.resume!r}: no such checkpoint folder; use 'auto', 'never' or a step_<N> path"
         )
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    from qrl_megatron.rollout.servers import SERVER_JOB_ENTRIES
+
+    earlier = [p for p in run_dir.iterdir() if p.name not in SERVER_JOB_ENTRIES] if run_dir.exists() else []
+    if not earlier:
         return
     resuming_here = trainer.resume == "auto" and CheckpointStore(run_dir / "checkpoints").steps()
     if resuming_here or (
@@ -88,7 +91,12 @@ def _prepare_run_dir(run: RunConfig, trainer: TrainerConfig) -> None:
             f"run.dir={run.dir!r} already holds a run; choose another run.dir or set run.on_existing=archive"
         )
     archived = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.rename(archived)
+    if len(earlier) == len(list(run_dir.iterdir())):
+        run_dir.rename(archived)
+    else:  # the rollout-server job's entries stay where its servers read them
+        archived.mkdir()
+        for entry in earlier:
+            entry.rename(archived / entry.name)
     print(f"qrl-train: moved the earlier run in {run_dir} to {archived}", file=sys.stderr)
 
 

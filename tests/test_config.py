@@ -289,6 +289,27 @@ def test_existing_run_dir_is_archived_or_refused(tmp_path, capsys) -> None:
     assert (archived[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
+def test_the_rollout_server_jobs_files_in_run_dir_are_not_an_earlier_run(tmp_path) -> None:
+    """The rollout-server job writes its exports and server list into run.dir, often before the learner starts:
+    they alone are not a run (nothing archived), and archiving an earlier run leaves them where the servers read
+    them (the servers lost their model folder when the whole run.dir was moved)."""
+    from qrl_megatron.cli import _prepare_run_dir
+    from qrl_megatron.config import load_config
+
+    run_dir = tmp_path / "run"
+    (run_dir / "rollout_servers" / "rollout_model_nvfp4").mkdir(parents=True)
+    (run_dir / "rollout_servers.txt").write_text("http://127.0.0.1:8000\n")
+    cfg = load_config(None, [f"run.dir={run_dir}", "run.on_existing=error"])
+    _prepare_run_dir(cfg.run, cfg.trainer)  # not an earlier run: no refusal
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    cfg = load_config(None, [f"run.dir={run_dir}"])
+    _prepare_run_dir(cfg.run, cfg.trainer)
+    archived = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
+    assert len(archived) == 1 and (archived[0] / "metrics.jsonl").is_file()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["rollout_servers", "rollout_servers.txt"]
+    assert (run_dir / "rollout_servers" / "rollout_model_nvfp4").is_dir()
+
+
 def test_a_run_dir_with_a_checkpoint_is_continued_unless_resume_is_never(tmp_path) -> None:
     from qrl_megatron.cli import _prepare_run_dir
     from qrl_megatron.config import ConfigError, load_config

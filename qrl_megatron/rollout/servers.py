@@ -20,7 +20,14 @@ from typing import Any
 
 from qrl_megatron.learner.resume import RunStopped
 
+# What the rollout-server job (slurm/rollout_servers.sbatch, launch/job_info.py) writes into run.dir while the learner
+# job starts, often before it: its exports and the default server list. They belong to the running companion job,
+# not to an earlier run, so qrl-train neither counts them as one nor archives them (it did, and the servers lost
+# the model folder they were loading).
+SERVER_JOB_ENTRIES = ("rollout_servers", "rollout_servers.txt")
+
 __all__ = [
+    "SERVER_JOB_ENTRIES",
     "ServersNotReady",
     "configured_server_urls",
     "connect_servers",
