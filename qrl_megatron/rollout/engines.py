@@ -58,23 +58,13 @@ def make_engine(
     if rollout.engine == "server":
         from qrl_megatron.rollout.server_engine import VLLMServerEngine
 
-        if adapter is not None:
-            return VLLMServerEngine(
-                model_dir,
-                rollout,
-                seed=seed,
-                max_model_len=max_model_len,
-                url=rollout.server_url,
-                adapter=adapter,
-                transport=transport,
-                tcp=tcp,
-            )
         return VLLMServerEngine(
             model_dir,
             rollout,
             seed=seed,
             max_model_len=max_model_len,
             url=rollout.server_url,
+            adapter=adapter,
             transport=transport,
             tcp=tcp,
         )
