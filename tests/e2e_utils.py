@@ -36,3 +36,23 @@ def qrl_train(
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def push_weights(server, weights: dict, corrupt: str = "") -> None:  # noqa: ANN001
+    """Refit ``server`` (a VLLMServerEngine) with ``weights`` in two buckets with per-tensor checksums; ``corrupt``
+    names a tensor to alter after its checksum is taken (one bit of one byte, as if flipped in transit)."""
+    import torch
+
+    from qrl_megatron.bridge.checksum import checksums
+
+    names = sorted(weights)
+    server.start_weight_update()
+    for bucket in (names[: len(names) // 2], names[len(names) // 2 :]):
+        tensors = {k: weights[k] for k in bucket}
+        sums = checksums(tensors)
+        if corrupt in tensors:
+            damaged = tensors[corrupt].clone()
+            damaged.view(torch.uint8).view(-1)[7] ^= 0x01
+            tensors[corrupt] = damaged
+        server.update_weights(tensors, sums)
+    server.finish_weight_update()

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from e2e_utils import push_weights
 
 from qrl_megatron.config import RolloutConfig
 
@@ -84,23 +85,6 @@ def _hf_model(tiny_model_dir, weights: dict[str, torch.Tensor]):
     return model.eval()
 
 
-def _push(server, weights: dict[str, torch.Tensor], corrupt: str = "") -> None:
-    """Two buckets with per-tensor checksums; ``corrupt`` names a tensor to alter after its checksum is taken."""
-    from qrl_megatron.bridge.checksum import checksums
-
-    names = sorted(weights)
-    server.start_weight_update()
-    for bucket in (names[: len(names) // 2], names[len(names) // 2 :]):
-        tensors = {k: weights[k] for k in bucket}
-        sums = checksums(tensors)
-        if corrupt in tensors:
-            damaged = tensors[corrupt].clone()
-            damaged.view(torch.uint8).view(-1)[7] ^= 0x01  # one bit of one byte, as if flipped in transit
-            tensors[corrupt] = damaged
-        server.update_weights(tensors, sums)
-    server.finish_weight_update()
-
-
 def test_greedy_matches_colocated(server, colocated) -> None:
     got = server.greedy(PROMPTS, max_new_tokens=8)
     want = colocated["greedy"]
@@ -152,7 +136,7 @@ def test_weight_transfer_updates_the_served_model(server, tiny_model_dir, base_w
     g = torch.Generator().manual_seed(0)
     new = {k: (v.float() + NOISE * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base_weights.items()}
     start = time.perf_counter()
-    _push(server, new)
+    push_weights(server, new)
     push_s = time.perf_counter() - start
     try:
         hf_new = _hf_model(tiny_model_dir, new)
@@ -171,7 +155,7 @@ def test_weight_transfer_updates_the_served_model(server, tiny_model_dir, base_w
         print(f"generation after update vs fp32 HF gap {gen_gap:.4f}")
         assert gen_gap < 0.03
     finally:
-        _push(server, base_weights)
+        push_weights(server, base_weights)
     assert _max_gap(server.prompt_logprobs(PROBES), before) < 1e-3
 
 
@@ -182,10 +166,10 @@ def test_corrupted_bucket_is_refused_by_name(server, base_weights) -> None:
     victim = "model.layers.1.mlp.down_proj.weight"
     assert victim in base_weights
     with pytest.raises(WeightVerificationError, match=victim.replace(".", r"\.")) as info:
-        _push(server, base_weights, corrupt=victim)
+        push_weights(server, base_weights, corrupt=victim)
     print(f"\nrefused: {info.value}")
     # the update can be redone after a refusal, and the served model never saw the damaged tensor
-    _push(server, base_weights)
+    push_weights(server, base_weights)
     assert _max_gap(server.prompt_logprobs(PROBES), before) < 1e-3
 
 

@@ -15,29 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from e2e_utils import qrl_train, read_metrics
+from e2e_utils import push_weights, qrl_train, read_metrics
 
 pytestmark = pytest.mark.e2e
 
 PROBES = [[3, 4, 12, 5, 6, 15, 5, 8, 1], [9, 10, 12, 11, 15, 3, 4]]
-
-
-def _push(server, weights: dict[str, torch.Tensor], corrupt: str = "") -> None:  # noqa: ANN001
-    """Two buckets with per-tensor checksums; ``corrupt``: a tensor whose bytes change after its checksum."""
-    from qrl_megatron.bridge.checksum import checksums
-
-    names = sorted(weights)
-    server.start_weight_update()
-    for bucket in (names[: len(names) // 2], names[len(names) // 2 :]):
-        tensors = {k: weights[k] for k in bucket}
-        sums = checksums(tensors)
-        if corrupt in tensors:
-            damaged = tensors[corrupt].clone()
-            damaged.view(torch.uint8).view(-1)[11] ^= 0x04
-            tensors[corrupt] = damaged
-        server.update_weights(tensors, sums)
-    server.finish_weight_update()
 
 
 def test_a_listed_rollout_server_is_refitted_over_tcp_and_refuses_a_corrupted_bucket(
@@ -61,9 +43,9 @@ def test_a_listed_rollout_server_is_refitted_over_tcp_and_refuses_a_corrupted_bu
         before = server.prompt_logprobs(PROBES)
         victim = "model.layers.1.mlp.down_proj.weight"
         with pytest.raises(WeightVerificationError, match=victim.replace(".", r"\.") + ": checksum") as refused:
-            _push(server, weights, corrupt=victim)
+            push_weights(server, weights, corrupt=victim)
         print(f"refused: {refused.value}")
-        _push(server, weights)  # the stream is still in step: the next update goes through
+        push_weights(server, weights)  # the stream is still in step: the next update goes through
         after = server.prompt_logprobs(PROBES)
         gap = max(abs(a - b) for ra, rb in zip(after, before, strict=True) for a, b in zip(ra, rb, strict=True))
         assert gap < 1e-3, "the served model must never have held the damaged tensor"
